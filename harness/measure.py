@@ -1,0 +1,145 @@
+"""Honest measurements: device-synchronised timing windows, steady-state throughput, spread, memory and MFU.
+
+Timing never adds a synchronisation inside a window: a window's start and end are marked with CUDA events
+(``time.perf_counter`` on the CPU) and read one window later, when the device has long passed them.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: Dense peak FLOP/s by device name fragment and compute dtype (DESIGN.md). SXM parts; PCIe parts separately.
+DEVICE_PEAK_FLOPS = {
+    "H100 PCIe": {"bf16": 756.0e12, "fp16": 756.0e12, "fp8": 1513.0e12, "tf32": 378.0e12, "fp32": 51.2e12},
+    "H100": {"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "A100": {"bf16": 312.0e12, "fp16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
+}
+
+#: The metrics a result carries, by objective name: (result key, unit, better direction).
+METRICS = {
+    "throughput": ("throughput_samples_per_s", "samples/s", "maximize"),
+    "tokens_per_s": ("throughput_tokens_per_s", "tokens/s", "maximize"),
+    "accuracy": ("accuracy", "fraction", "maximize"),
+    "val_loss": ("val_loss", "nats", "minimize"),
+    "peak_memory": ("peak_memory_bytes", "bytes", "minimize"),
+    "energy_per_sample": ("energy_per_sample_j", "J", "minimize"),
+    "time_to_accuracy": ("time_to_accuracy_s", "s", "minimize"),
+    "mfu": ("mfu", "fraction", "maximize"),
+    "model_size": ("model_size_bytes", "bytes", "minimize"),
+    "latency": ("inference_latency_s", "s", "minimize"),
+}
+
+
+def dtype_key(compute_dtype: Any) -> str:
+    if compute_dtype in ("tf32", "fp8"):
+        return compute_dtype
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype, "fp32")
+
+
+def peak_flops(device_name: str, compute_dtype: Any) -> float | None:
+    """The device's dense peak for the dtype in use, or None for a device not in the table (and for CPUs)."""
+    for fragment, table in DEVICE_PEAK_FLOPS.items():
+        if fragment in device_name:
+            return table.get(dtype_key(compute_dtype))
+    return None
+
+
+def conditions(device: torch.device) -> dict[str, str]:
+    """The conditions every figure carries: device, driver, torch/CUDA versions, host, date."""
+    out = {"torch": torch.__version__, "cuda": str(torch.version.cuda or "none"), "host": platform.node(),
+           "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+    if device.type == "cuda":
+        out["device_name"] = torch.cuda.get_device_name(device)
+        out["device_count"] = str(torch.cuda.device_count())
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            out["driver"] = driver.decode() if isinstance(driver, bytes) else driver
+        except Exception:  # NVML missing or unusable: the driver is simply not recorded
+            out["driver"] = "unknown"
+    else:
+        out["device_name"] = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return out
+
+
+class Clock:
+    """Marks points in the device's timeline; ``elapsed(a, b)`` in seconds once both have passed."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def elapsed(self, start, end) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return end - start
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+@dataclass
+class WindowStats:
+    """Steady-state timing over the timed windows."""
+
+    steps: int
+    seconds: float
+    step_time_median_s: float
+    step_time_cv: float
+    window_step_times_s: list[float]
+
+    @classmethod
+    def from_windows(cls, windows: list[tuple[int, float]]) -> "WindowStats":
+        per_step = [s / n for n, s in windows if n > 0]
+        steps = sum(n for n, _ in windows)
+        seconds = sum(s for _, s in windows)
+        median = statistics.median(per_step) if per_step else float("nan")
+        cv = (statistics.pstdev(per_step) / statistics.mean(per_step)) if len(per_step) > 1 else 0.0
+        return cls(steps, seconds, median, cv, per_step)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated device memory on CUDA; on the CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def count_training_flops(model, inputs, targets, loss_fn) -> float | None:
+    """FLOPs of one forward + backward on ``inputs``, counted by torch's FLOP counter (None when it fails)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss = loss_fn(model(inputs), targets, inputs)
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        return float(counter.get_total_flops())
+    except Exception:  # an exotic op the counter cannot see through: MFU is then not reported
+        model.zero_grad(set_to_none=True)
+        return None

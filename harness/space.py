@@ -1,0 +1,264 @@
+"""Axes, technique declarations, parameter spaces and compatibility.
+
+A technique is declared as plain data (:class:`Technique`): its axis, name, search space, requirements and
+incompatibilities. The harness turns those declarations into Optuna suggestions and into an ``infeasible``
+verdict *before* anything is launched; no rule about a technique lives in the core's code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+from harness.errors import SpecError
+
+AXES = ("optimizer", "precision", "compile", "parallelism", "compression")
+
+
+# --------------------------------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class Float:
+    """A real-valued parameter in ``[low, high]`` (log-uniform when ``log``)."""
+
+    low: float
+    high: float
+    default: float | None = None
+    log: bool = False
+    help: str = ""
+
+    def validate(self, where: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{where}: expected a number in [{self.low}, {self.high}], got {value!r}")
+        if not (self.low <= value <= self.high) or math.isnan(value):
+            raise SpecError(f"{where}: {value!r} is out of range (allowed: {self.low} .. {self.high})")
+        return float(value)
+
+    def distribution(self, low=None, high=None):
+        import optuna
+
+        return optuna.distributions.FloatDistribution(
+            self.low if low is None else low, self.high if high is None else high, log=self.log)
+
+    def describe(self) -> str:
+        return f"float {self.low}..{self.high}" + (" log" if self.log else "")
+
+
+@dataclass(frozen=True)
+class Int:
+    """An integer parameter in ``[low, high]``."""
+
+    low: int
+    high: int
+    default: int | None = None
+    log: bool = False
+    step: int = 1
+    help: str = ""
+
+    def validate(self, where: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise SpecError(f"{where}: expected an integer in [{self.low}, {self.high}], got {value!r}")
+        if not (self.low <= value <= self.high):
+            raise SpecError(f"{where}: {value!r} is out of range (allowed: {self.low} .. {self.high})")
+        return value
+
+    def distribution(self, low=None, high=None):
+        import optuna
+
+        return optuna.distributions.IntDistribution(
+            self.low if low is None else low, self.high if high is None else high, log=self.log, step=self.step)
+
+    def describe(self) -> str:
+        return f"int {self.low}..{self.high}"
+
+
+@dataclass(frozen=True)
+class Categorical:
+    """A parameter taking one of ``choices`` (strings, numbers, booleans or None)."""
+
+    choices: tuple
+    default: Any = None
+    help: str = ""
+
+    def validate(self, where: str, value: Any) -> Any:
+        for choice in self.choices:
+            if value == choice and type(value) is type(choice) or (
+                    isinstance(choice, float) and isinstance(value, int) and not isinstance(value, bool)
+                    and value == choice):
+                return choice
+        allowed = ", ".join(repr(c) for c in self.choices)
+        raise SpecError(f"{where}: {value!r} is not allowed (allowed: {allowed})")
+
+    def distribution(self, choices=None):
+        import optuna
+
+        return optuna.distributions.CategoricalDistribution(tuple(self.choices if choices is None else choices))
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(c) for c in self.choices)
+
+
+Param = Float | Int | Categorical
+
+
+# --------------------------------------------------------------------------------------------- declarations
+@dataclass(frozen=True)
+class Requirements:
+    """What a technique needs from the machine and the trial; checked before launch."""
+
+    cuda: bool = False
+    #: minimal CUDA compute capability, e.g. ``(8, 9)`` for fp8.
+    min_compute_capability: tuple[int, int] | None = None
+    min_devices: int = 1
+    max_devices: int | None = None
+    #: importable module names, e.g. ``("deepspeed",)``.
+    packages: tuple[str, ...] = ()
+    #: workload kinds the technique applies to (e.g. ``("conv",)``); empty means any.
+    workload_kinds: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One technique on one axis: the unit Optuna chooses between.
+
+    ``incompatible`` names techniques on other axes as ``"axis:name"`` that this one cannot be
+    combined with; ``reason`` says why, in the user's words, and is shown with the infeasible verdict.
+    """
+
+    axis: str
+    name: str
+    space: Mapping[str, Param] = field(default_factory=dict)
+    requires: Requirements = Requirements()
+    incompatible: tuple[str, ...] = ()
+    reason: str = ""
+    description: str = ""
+    #: filled in by the plugin manager: the plugin that declared it.
+    plugin: str = ""
+
+    def defaults(self) -> dict[str, Any]:
+        return {k: p.default for k, p in self.space.items() if p.default is not None}
+
+    def validate_params(self, where: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Return ``params`` completed with defaults, raising :class:`SpecError` for unknown or bad values."""
+        out = self.defaults()
+        for key, value in params.items():
+            if key not in self.space:
+                allowed = ", ".join(self.space) or "none"
+                raise SpecError(f"{where}: unknown parameter {key!r} of {self.axis} technique {self.name!r} "
+                                f"(allowed: {allowed}){did_you_mean(key, self.space)}")
+            out[key] = self.space[key].validate(f"{where}.{key}", value)
+        return out
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What the machine offers, as the feasibility check sees it."""
+
+    cuda: bool
+    device_count: int
+    compute_capability: tuple[int, int] | None
+    device_name: str
+
+    @classmethod
+    def detect(cls) -> "Environment":
+        import torch
+
+        if torch.cuda.is_available():
+            return cls(True, torch.cuda.device_count(), torch.cuda.get_device_capability(0),
+                       torch.cuda.get_device_name(0))
+        return cls(False, 0, None, "cpu")
+
+
+def package_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def infeasible_reason(spec, techniques: Mapping[tuple[str, str], Technique], env: Environment,
+                      workload_kinds: Iterable[str] = ()) -> str | None:
+    """Return why ``spec`` cannot run here (one sentence), or None when every declaration is satisfied."""
+    kinds = set(workload_kinds)
+    chosen = {axis: getattr(spec, axis).name for axis in AXES}
+    for axis in AXES:
+        tech = techniques.get((axis, chosen[axis]))
+        if tech is None:
+            return f"{axis}: unknown technique {chosen[axis]!r}"
+        req, label = tech.requires, f"{axis} technique {tech.name!r}"
+        wants_cuda = spec.device in ("cuda", "auto") and env.cuda
+        if req.cuda and not wants_cuda:
+            return f"{label} requires CUDA, which this trial does not have"
+        if req.min_compute_capability and (
+                not env.cuda or (env.compute_capability or (0, 0)) < tuple(req.min_compute_capability)):
+            have = "no GPU" if not env.cuda else f"{env.device_name} (compute capability " \
+                f"{env.compute_capability[0]}.{env.compute_capability[1]})"
+            need = ".".join(map(str, req.min_compute_capability))
+            return f"{label} requires compute capability >= {need}; this machine has {have}"
+        if spec.devices < req.min_devices:
+            return f"{label} requires at least {req.min_devices} processes (devices: {spec.devices})"
+        if req.max_devices is not None and spec.devices > req.max_devices:
+            return f"{label} runs on at most {req.max_devices} process(es) (devices: {spec.devices})"
+        for pkg in req.packages:
+            if not package_available(pkg):
+                return f"{label} requires the package {pkg!r}, which is not installed"
+        if req.workload_kinds and not kinds.intersection(req.workload_kinds):
+            return (f"{label} applies to {'/'.join(req.workload_kinds)} workloads; "
+                    f"workload {spec.workload!r} is {'/'.join(sorted(kinds)) or 'of no declared kind'}")
+        for rule in tech.incompatible:
+            other_axis, _, other_name = rule.partition(":")
+            if other_axis in chosen and other_name == chosen[other_axis]:
+                why = f": {tech.reason}" if tech.reason else ""
+                return f"{label} cannot be combined with {other_axis} {chosen[other_axis]!r}{why}"
+    if spec.devices > 1 and not env.cuda and spec.device == "cuda":
+        return f"devices: {spec.devices} CUDA processes requested but no GPU is present"
+    if spec.devices > 1 and env.cuda and spec.device != "cpu" and spec.devices > env.device_count:
+        return f"devices: {spec.devices} requested but this machine has {env.device_count} GPU(s)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(word), list(candidates), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def param_from_yaml(where: str, base: Param, value: Any):
+    """Interpret a study file's value for a parameter: a fixed value, a list of choices or a ``{low, high}`` range.
+
+    Returns ``("fixed", value)`` or ``("dist", optuna distribution)``.
+    """
+    if isinstance(value, Mapping):
+        if isinstance(base, Categorical):
+            raise SpecError(f"{where}: a range is not allowed for a categorical parameter "
+                            f"(give one value or a list from: {', '.join(map(repr, base.choices))})")
+        unknown = set(value) - {"low", "high", "log"}
+        if unknown:
+            raise SpecError(f"{where}: unknown key {sorted(unknown)[0]!r} in range (allowed: low, high, log)")
+        low = base.validate(f"{where}.low", value.get("low", base.low))
+        high = base.validate(f"{where}.high", value.get("high", base.high))
+        if low > high:
+            raise SpecError(f"{where}: inverted range: low {low!r} > high {high!r}")
+        if low == high:
+            return "fixed", low
+        log = bool(value.get("log", base.log))
+        if log and low <= 0:
+            raise SpecError(f"{where}: a log range needs low > 0 (got {low!r})")
+        dist = dataclasses.replace(base, log=log).distribution(low, high)
+        return "dist", dist
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if not value:
+            raise SpecError(f"{where}: an empty list of values (give at least one)")
+        checked = [base.validate(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        if len(checked) == 1:
+            return "fixed", checked[0]
+        import optuna
+
+        return "dist", optuna.distributions.CategoricalDistribution(tuple(checked))
+    return "fixed", base.validate(where, value)

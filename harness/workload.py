@@ -1,0 +1,142 @@
+"""What a workload plugin hands the trial runner: a model, its data, a loss and a metric.
+
+Data sources keep the whole (small) data set as tensors on the trial's device and draw batches by index, so
+the training loop never waits on a host-side loader and never forces a device synchronisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from harness.space import Param
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WorkloadInfo:
+    """A workload's declaration: its name, parameters, kinds (``conv``, ``image``, ``lm``) and its builder.
+
+    ``build(params, device, seed)`` returns a :class:`Workload`.
+    """
+
+    name: str
+    build: Callable[..., "Workload"]
+    params: Mapping[str, Param] = field(default_factory=dict)
+    kinds: tuple[str, ...] = ()
+    description: str = ""
+    plugin: str = ""
+
+
+class TensorSource:
+    """Supervised examples held as two tensors; batches are drawn by a shuffled permutation per epoch.
+
+    ``rank`` / ``world`` give each process its own disjoint share of every global batch.
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
+        assert len(inputs) == len(targets)
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def to(self, device) -> "TensorSource":
+        return type(self)(self.inputs.to(device), self.targets.to(device))
+
+    def train_batches(self, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        n, device = len(self.inputs), self.inputs.device
+        per_rank = batch_size // world
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        steps_per_epoch = max(1, n // batch_size)
+        while True:
+            # The permutation is made on the CPU (same for every rank) and moved once per epoch.
+            perm = torch.randperm(n, generator=gen).to(device, non_blocking=True)
+            for i in range(steps_per_epoch):
+                start = i * batch_size + rank * per_rank
+                if start + per_rank > n:  # a data set smaller than one batch: wrap around
+                    idx = perm[torch.arange(start, start + per_rank, device=device) % n]
+                else:
+                    idx = perm[start:start + per_rank]
+                yield self.inputs[idx], self.targets[idx]
+
+    def eval_batches(self, batch_size: int, limit: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        n = len(self.inputs) if not limit else min(limit, len(self.inputs))
+        for start in range(rank * batch_size, n, batch_size * world):
+            stop = min(start + batch_size, n)
+            yield self.inputs[start:stop], self.targets[start:stop]
+
+
+class TokenSource:
+    """A language-model corpus as one long token tensor; a sample is a window of ``seq_len`` tokens and its
+    targets are the same window shifted by one."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self._offsets = torch.arange(seq_len + 1, device=tokens.device)
+
+    def __len__(self) -> int:
+        return max(1, (len(self.tokens) - 1) // self.seq_len)
+
+    def to(self, device) -> "TokenSource":
+        return type(self)(self.tokens.to(device), self.seq_len)
+
+    def _windows(self, starts: torch.Tensor) -> Batch:
+        chunk = self.tokens[starts[:, None] + self._offsets]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def train_batches(self, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        per_rank = batch_size // world
+        high = len(self.tokens) - self.seq_len - 1
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        device = self.tokens.device
+        while True:
+            # One block of random start offsets per 256 steps, generated on the CPU and moved in one copy.
+            block = torch.randint(0, high, (256, batch_size), generator=gen).to(device, non_blocking=True)
+            for row in block:
+                yield self._windows(row[rank * per_rank:(rank + 1) * per_rank])
+
+    def eval_batches(self, batch_size: int, limit: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        n = len(self) if not limit else min(limit, len(self))
+        starts = torch.arange(0, n * self.seq_len, self.seq_len, device=self.tokens.device)
+        for i in range(rank * batch_size, n, batch_size * world):
+            yield self._windows(starts[i:i + batch_size])
+
+
+def accuracy_count(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Number of correct arg-max predictions (flattening a sequence dimension when present)."""
+    return (outputs.argmax(-1) == targets).sum()
+
+
+@dataclass
+class Workload:
+    """A built workload: everything the trial runner needs besides the techniques.
+
+    ``loss(outputs, targets)`` returns the mean training loss; ``correct(outputs, targets)`` the number of
+    correct predictions (accuracy = correct / ``targets.numel()``). ``flops_per_sample`` is the training FLOPs
+    (forward + backward) of one sample, when known analytically; otherwise the runner counts them.
+    ``make_student()`` returns the smaller model that distillation trains in place of ``model``.
+    """
+
+    name: str
+    model: nn.Module
+    train: Any
+    test: Any
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
+    correct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = accuracy_count
+    kinds: tuple[str, ...] = ()
+    #: samples are images (1 sample) or token windows (``tokens_per_sample`` tokens each).
+    tokens_per_sample: int = 0
+    flops_per_sample: float | None = None
+    make_student: Callable[[], nn.Module] | None = None
+    #: the shape of one input sample, for conformance checks and example inputs.
+    input_shape: tuple[int, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def loss_of(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if outputs.dim() == 3:  # (batch, seq, vocab) language-model logits
+            return self.loss(outputs.flatten(0, 1), targets.flatten())
+        return self.loss(outputs, targets)

@@ -1,0 +1,37 @@
+"""Optimizer ``adamw``: Adam with decoupled weight decay (torch.optim.AdamW)."""
+from __future__ import annotations
+
+import torch
+
+from harness import hookimpl
+from harness.space import Float, Technique
+from plugins._optim import build_schedule, common_space, implementation_kwargs
+
+NAME = "adamw"
+TECHNIQUE = Technique(
+    axis="optimizer", name=NAME,
+    space={**common_space(lr=1e-3, lr_low=1e-5, lr_high=1e-1, weight_decay=0.01),
+           "beta1": Float(0.5, 0.999, default=0.9, help="first-moment decay"),
+           "beta2": Float(0.9, 0.9999, default=0.999, help="second-moment decay"),
+           "eps": Float(1e-10, 1e-6, default=1e-8, log=True, help="numerical-stability term")},
+    description="AdamW (torch.optim.AdamW)",
+)
+
+
+@hookimpl
+def harness_declare_techniques():
+    return [TECHNIQUE]
+
+
+@hookimpl
+def harness_build_optimizer(params, spec, device):
+    if spec.optimizer.name != NAME:
+        return None
+    p = spec.optimizer.params
+    return torch.optim.AdamW(params, lr=p["lr"], betas=(p["beta1"], p["beta2"]), eps=p["eps"],
+                             weight_decay=p["weight_decay"], **implementation_kwargs(p, device))
+
+
+@hookimpl
+def harness_build_lr_scheduler(optimizer, spec, total_steps):
+    return build_schedule(optimizer, spec, total_steps, NAME)
