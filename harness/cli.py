@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -103,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--node-rank", type=int, default=0)
     run.add_argument("--rdzv-endpoint", default="")
 
-    sub.add_parser("plugins", help="list plugins, their techniques, workloads and hooks")
+    plugins = sub.add_parser("plugins", help="list plugins, their techniques, workloads and hooks")
+    plugins.add_argument("--json", action="store_true", help="print the list as JSON (for scripts)")
+    plugins.add_argument("--check", action="store_true",
+                         help="also run the conformance check (harness.testing.check_plugin) on every plugin")
 
     try:
         from harness import study as study_mod
@@ -117,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------ run
 def cmd_run(args, registry) -> int:
     from harness.config import load_yaml, trial_from_mapping
-    from harness.launch import LaunchOptions, launch
+    from harness.launch import LaunchOptions
 
     data = load_yaml(args.trial) if args.trial else {}
     where = args.trial or "trial"
@@ -198,26 +202,65 @@ def print_result(spec, result) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ plugins
-def cmd_plugins(args, registry) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    table = Table(title="harness plugins")
-    for col in ("plugin", "distribution", "adds", "hooks"):
-        table.add_column(col)
+def plugin_listing(registry) -> list[dict[str, Any]]:
+    """One JSON-able entry per plugin: name, module, distribution, version, what it adds, its hooks, its error."""
+    out = []
     for name, rec in sorted(registry.records.items()):
         if name == "harness-core":
             continue
-        dist = f"{rec.distribution} {rec.version}".strip()
-        if rec.error:
-            table.add_row(name, dist, f"[red]error: {rec.error}[/red]", "")
+        out.append({"name": name, "module": rec.module, "distribution": rec.distribution, "version": rec.version,
+                    "techniques": [{"axis": t.axis, "name": t.name, "params": sorted(t.space)}
+                                   for t in rec.techniques],
+                    "workloads": [{"name": w.name, "params": sorted(w.params)} for w in rec.workloads],
+                    "hooks": list(rec.hooks), "error": rec.error})
+    return out
+
+
+def cmd_plugins(args, registry) -> int:
+    """``harness plugins``: every plugin with its distribution and version, the techniques and workloads it
+    adds and the hooks it implements. A plugin that failed to load is listed with its error (exit 0 all the
+    same: the others work). ``--check`` adds the conformance check and exits 1 when a plugin fails it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    listing = plugin_listing(registry)
+    check = getattr(args, "check", False)
+    if check:
+        from harness.testing import check_plugin
+
+        for entry in listing:
+            plugin = registry.pm.get_plugin(entry["name"])
+            entry["problems"] = check_plugin(plugin, raises=False) if plugin is not None else []
+    failed = any(entry.get("problems") for entry in listing)
+    if getattr(args, "json", False):
+        print(json.dumps(listing, indent=1))
+        return EXIT_FAILED if failed else EXIT_OK
+    console = Console()
+    if not console.is_terminal:  # pipes and logs: wide enough that errors stay readable
+        console = Console(width=200)
+    table = Table(title="harness plugins")
+    for col in ("plugin", "distribution", "adds", "hooks"):
+        table.add_column(col)
+    for entry in listing:
+        dist = f"{entry['distribution']} {entry['version']}".strip()
+        if entry["error"]:
+            table.add_row(entry["name"], dist, f"[red]error: {entry['error']}[/red]", "")
             continue
-        adds = [f"{t.axis}: {t.name}" for t in rec.techniques] + [f"workload: {w.name}" for w in rec.workloads]
-        hooks = [h.removeprefix("harness_") for h in rec.hooks]
-        table.add_row(name, dist, "\n".join(adds), ", ".join(hooks))
+        adds = ([f"{t['axis']}: {t['name']}" for t in entry["techniques"]]
+                + [f"workload: {w['name']}" for w in entry["workloads"]])
+        hooks = [h.removeprefix("harness_") for h in entry["hooks"]]
+        table.add_row(entry["name"], dist, "\n".join(adds), ", ".join(hooks))
     console.print(table)
-    return EXIT_OK
+    broken = [e["name"] for e in listing if e["error"]]
+    if broken:
+        console.print(f"[red]{len(broken)} plugin(s) failed to load and are left out: {', '.join(broken)}[/red]")
+    if check:
+        for entry in listing:
+            for problem in entry.get("problems", []):
+                console.print(f"[red]conformance:[/red] {problem}", highlight=False, markup=False)
+        checked = sum(1 for e in listing if not e["error"])
+        console.print("conformance: " + ("problems found" if failed else f"{checked} plugin(s) conform"))
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def main(argv=None) -> int:
@@ -231,7 +274,18 @@ def main(argv=None) -> int:
 
         registry = get_registry(disable=args.disable)
         handler = {"run": cmd_run, "plugins": cmd_plugins}.get(args.command) or args.handler
-        return handler(args, registry)
+        # Trial processes load their own plugins: --disable reaches them through HARNESS_DISABLE_PLUGINS.
+        previous = os.environ.get("HARNESS_DISABLE_PLUGINS")
+        if args.disable:
+            os.environ["HARNESS_DISABLE_PLUGINS"] = ",".join(filter(None, [previous, *args.disable]))
+        try:
+            return handler(args, registry)
+        finally:
+            if args.disable:
+                if previous is None:
+                    os.environ.pop("HARNESS_DISABLE_PLUGINS", None)
+                else:
+                    os.environ["HARNESS_DISABLE_PLUGINS"] = previous
     except SpecError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

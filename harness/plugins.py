@@ -95,20 +95,18 @@ class Registry:
             return
         try:
             self.pm.register(plugin, name=name)
-            unknown = [c.name for c in self.pm.get_hookcallers(plugin) or [] if c.spec is None]
+            unknown = unknown_hooks(self.pm, plugin)
             if unknown:
-                raise PluginError(f"implements unknown hook {unknown[0]!r}{did_you_mean(unknown[0], self._spec_names())}")
+                raise PluginError(unknown[0])
         except (pluggy.PluginValidationError, PluginError) as exc:
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            # pluggy's message spans lines (plugin, hook, definition, reason): keep them all, on one line
+            msg = "; ".join(line.strip() for line in str(exc).splitlines()) or type(exc).__name__
             self._fail(rec, f"hook signature error: {msg}")
             return
         rec.hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
         self.records[name] = rec
-
-    def _spec_names(self) -> list[str]:
-        return [n for n in dir(hookspecs) if n.startswith("harness_")]
 
     def _collect(self) -> None:
         for name, plugin in list(self.pm.list_name_plugin()):
@@ -188,8 +186,13 @@ class Registry:
         if tech is None:
             known = self.names(axis)
             raise SpecError(f"{where}: unknown technique {name!r} (known: {', '.join(known) or 'none'})"
-                            f"{did_you_mean(name, known)}")
+                            f"{did_you_mean(name, known)}{self._broken_hint()}")
         return tech
+
+    def _broken_hint(self) -> str:
+        """Names the plugins that failed to load: the unknown name may be one of theirs."""
+        broken = [f"plugin {r.name!r} failed to load ({r.error})" for r in self.records.values() if r.error]
+        return f"; {'; '.join(broken)}" if broken else ""
 
     def workload_info(self, where: str, name: str) -> WorkloadInfo:
         if ":" in name:
@@ -198,7 +201,7 @@ class Registry:
         if info is None:
             known = sorted(self.workloads)
             raise SpecError(f"{where}: unknown workload {name!r} (known: {', '.join(known)}, or module:function)"
-                            f"{did_you_mean(name, known)}")
+                            f"{did_you_mean(name, known)}{self._broken_hint()}")
         return info
 
     def validate_workload(self, where: str, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -211,6 +214,8 @@ class Registry:
                 raise SpecError(f"{where}: unknown parameter {key!r} of workload {name!r} "
                                 f"(allowed: {', '.join(info.params) or 'none'}){did_you_mean(key, info.params)}")
             out[key] = info.params[key].validate(f"{where}.{key}", value)
+        if info.validate is not None:
+            info.validate(out)
         return out
 
     def workload_kinds(self, name: str) -> tuple[str, ...]:
@@ -218,6 +223,17 @@ class Registry:
             return self.workload_info("workload", name).kinds
         except SpecError:
             return ()
+
+
+def hook_names() -> list[str]:
+    """Every hook name of the contract (:mod:`harness.hookspecs`)."""
+    return [n for n in dir(hookspecs) if n.startswith("harness_")]
+
+
+def unknown_hooks(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
+    """One message per hook implementation of a registered ``plugin`` that matches no hook spec (a typo)."""
+    return [f"implements unknown hook {c.name!r}{did_you_mean(c.name, hook_names())}"
+            for c in pm.get_hookcallers(plugin) or [] if c.spec is None]
 
 
 def _import_workload(where: str, target: str) -> WorkloadInfo:

@@ -51,8 +51,13 @@ class Engine:
     """Single-process engine: plain backward and optimizer step. Parallelism plugins subclass it.
 
     ``model`` is what the forward pass calls (possibly wrapped); ``module`` the underlying model for
-    evaluation and measurements.
+    evaluation and measurements. ``precision`` is the precision the train step and evaluation run under: an
+    engine that casts by itself (DeepSpeed bf16/fp16, FSDP's mixed-precision policy) replaces the given one by a
+    copy without autocast, so nothing is autocast twice. ``accumulation_steps`` splits each (per-rank) batch
+    into that many micro-batches, the first ones run under :meth:`no_sync`.
     """
+
+    accumulation_steps: int = 1
 
     def __init__(self, model: nn.Module, optimizer, precision: Precision, scheduler=None):
         self.model = model

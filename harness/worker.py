@@ -39,6 +39,16 @@ def main(argv=None) -> int:
     if events is not None:
         events.close()
     sys.stdout.flush()
+    sys.stderr.flush()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if not result.ok:
+            # Leave at once: peers may be blocked in a collective, and an orderly shutdown of the process group
+            # would wait for them. torchrun sees the exit and stops the other ranks.
+            os._exit(1)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0 if result.ok else 1
 
 

@@ -11,24 +11,51 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from harness.errors import SpecError
 from harness.space import Param
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class Text:
+    """A free-form string workload parameter (a path, a file name); ``None`` is its "not given" value.
+
+    Workload parameters are never searched by Optuna as strings, so this has no distribution of its own; a
+    study file may still list several values (a categorical choice).
+    """
+
+    default: str | None = None
+    help: str = ""
+
+    def validate(self, where: str, value: Any) -> str | None:
+        if value is not None and not isinstance(value, str):
+            raise SpecError(f"{where}: expected a string, got {value!r}")
+        return value
+
+    def describe(self) -> str:
+        return "string"
+
+
+@dataclass(frozen=True)
 class WorkloadInfo:
     """A workload's declaration: its name, parameters, kinds (``conv``, ``image``, ``lm``) and its builder.
 
-    ``build(params, device, seed)`` returns a :class:`Workload`.
+    ``build(device=..., seed=..., **params)`` returns a :class:`Workload`.
+
+    ``validate(params)``, when given, is called with the complete, type-checked parameters wherever a trial is
+    validated (``harness run``, study files), before anything is launched; it raises
+    :class:`harness.errors.SpecError` for values that only the workload can judge (a data directory that does
+    not exist), so such mistakes are reported in one line with exit status 2 rather than as a crashed trial.
     """
 
     name: str
     build: Callable[..., "Workload"]
-    params: Mapping[str, Param] = field(default_factory=dict)
+    params: Mapping[str, Param | Text] = field(default_factory=dict)
     kinds: tuple[str, ...] = ()
     description: str = ""
     plugin: str = ""
+    validate: Callable[[Mapping[str, Any]], None] | None = None
 
 
 class TensorSource:
@@ -53,8 +80,10 @@ class TensorSource:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         steps_per_epoch = max(1, n // batch_size)
         while True:
-            # The permutation is made on the CPU (same for every rank) and moved once per epoch.
-            perm = torch.randperm(n, generator=gen).to(device, non_blocking=True)
+            # The permutation is made on the CPU (same for every rank) and moved once per epoch, from pinned
+            # memory so that the copy does not wait for the device to drain its queue.
+            perm = torch.randperm(n, generator=gen)
+            perm = (perm.pin_memory() if device.type == "cuda" else perm).to(device, non_blocking=True)
             for i in range(steps_per_epoch):
                 start = i * batch_size + rank * per_rank
                 if start + per_rank > n:  # a data set smaller than one batch: wrap around
@@ -95,7 +124,8 @@ class TokenSource:
         device = self.tokens.device
         while True:
             # One block of random start offsets per 256 steps, generated on the CPU and moved in one copy.
-            block = torch.randint(0, high, (256, batch_size), generator=gen).to(device, non_blocking=True)
+            block = torch.randint(0, high, (256, batch_size), generator=gen)
+            block = (block.pin_memory() if device.type == "cuda" else block).to(device, non_blocking=True)
             for row in block:
                 yield self._windows(row[rank * per_rank:(rank + 1) * per_rank])
 

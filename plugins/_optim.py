@@ -1,7 +1,9 @@
 """Shared pieces of the optimizer plugins (not a plugin itself): the common search space, the choice of
-torch's ``foreach`` / ``fused`` implementations, and the warm-up + cosine learning-rate schedule."""
+torch's ``foreach`` / ``fused`` implementations (and a feasibility verdict where torch lacks one), and the
+warm-up + cosine learning-rate schedule."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -24,8 +26,7 @@ def common_space(lr: float, lr_low: float, lr_high: float, weight_decay: float =
 
 
 def implementation_kwargs(params: dict, device: torch.device) -> dict:
-    """torch's keyword for the chosen implementation; ``fused`` falls back to ``foreach`` where the device
-    has no fused kernel (recorded in the trial's result by the optimizer's ``param_groups``)."""
+    """torch's keyword for the chosen implementation (``default`` lets torch pick)."""
     impl = params.get("implementation", "default")
     if impl == "fused":
         return {"fused": True}
@@ -34,18 +35,44 @@ def implementation_kwargs(params: dict, device: torch.device) -> dict:
     return {}
 
 
+def trial_device_type(spec, env) -> str:
+    """The device type a trial will run on, as the feasibility check sees it."""
+    return "cuda" if spec.device in ("cuda", "auto") and env.cuda else "cpu"
+
+
+def implementation_unavailable(optimizer_cls, name: str, spec, env) -> str | None:
+    """Why ``spec``'s implementation of ``optimizer_cls`` cannot run here, or None.
+
+    torch has fused kernels only for some optimizers (not RMSprop) and some device types; a trial asking for
+    one that does not exist is infeasible (declared before launch) rather than a crash inside torch.
+    """
+    if spec.optimizer.name != name or spec.optimizer.params.get("implementation") != "fused":
+        return None
+    if "fused" not in inspect.signature(optimizer_cls).parameters:
+        return (f"optimizer {name!r}: implementation 'fused' does not exist for torch.optim."
+                f"{optimizer_cls.__name__} (torch {torch.__version__}; use 'foreach' or 'default')")
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    device_type = trial_device_type(spec, env)
+    if device_type not in _get_fused_kernels_supported_devices():
+        return f"optimizer {name!r}: implementation 'fused' has no kernel for device type {device_type!r}"
+    return None
+
+
+def cosine_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier at optimizer step ``step``: linear warm-up from 1/warmup to 1 over
+    ``warmup_steps``, then half a cosine down to 0 at ``total_steps`` (constant 1 when the total is unknown)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not total_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def cosine_schedule(optimizer, total_steps: int, warmup_fraction: float):
     warmup = max(1, int(total_steps * warmup_fraction)) if total_steps else 1
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if not total_steps:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, total_steps, warmup))
 
 
 def build_schedule(optimizer, spec, total_steps: int, name: str):

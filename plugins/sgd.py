@@ -5,7 +5,7 @@ import torch
 
 from harness import hookimpl
 from harness.space import Categorical, Float, Technique
-from plugins._optim import build_schedule, common_space, implementation_kwargs
+from plugins._optim import build_schedule, common_space, implementation_kwargs, implementation_unavailable
 
 NAME = "sgd"
 TECHNIQUE = Technique(
@@ -35,3 +35,8 @@ def harness_build_optimizer(params, spec, device):
 @hookimpl
 def harness_build_lr_scheduler(optimizer, spec, total_steps):
     return build_schedule(optimizer, spec, total_steps, NAME)
+
+
+@hookimpl
+def harness_check_combination(spec, env):
+    return implementation_unavailable(torch.optim.SGD, NAME, spec, env)

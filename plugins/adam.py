@@ -1,0 +1,42 @@
+"""Optimizer ``adam``: Adam with L2 (coupled) weight decay (torch.optim.Adam)."""
+from __future__ import annotations
+
+import torch
+
+from harness import hookimpl
+from harness.space import Float, Technique
+from plugins._optim import build_schedule, common_space, implementation_kwargs, implementation_unavailable
+
+NAME = "adam"
+TECHNIQUE = Technique(
+    axis="optimizer", name=NAME,
+    space={**common_space(lr=1e-3, lr_low=1e-5, lr_high=1e-1),
+           "beta1": Float(0.5, 0.999, default=0.9, help="first-moment decay"),
+           "beta2": Float(0.9, 0.9999, default=0.999, help="second-moment decay"),
+           "eps": Float(1e-10, 1e-6, default=1e-8, log=True, help="numerical-stability term")},
+    description="Adam (torch.optim.Adam), weight decay added to the gradient",
+)
+
+
+@hookimpl
+def harness_declare_techniques():
+    return [TECHNIQUE]
+
+
+@hookimpl
+def harness_check_combination(spec, env):
+    return implementation_unavailable(torch.optim.Adam, NAME, spec, env)
+
+
+@hookimpl
+def harness_build_optimizer(params, spec, device):
+    if spec.optimizer.name != NAME:
+        return None
+    p = spec.optimizer.params
+    return torch.optim.Adam(params, lr=p["lr"], betas=(p["beta1"], p["beta2"]), eps=p["eps"],
+                            weight_decay=p["weight_decay"], **implementation_kwargs(p, device))
+
+
+@hookimpl
+def harness_build_lr_scheduler(optimizer, spec, total_steps):
+    return build_schedule(optimizer, spec, total_steps, NAME)

@@ -1,0 +1,24 @@
+"""Compile ``channels-last``: run a convolutional model and its inputs in channels-last (NHWC) memory format,
+which lets cuDNN pick tensor-core kernels without layout transposes. Eager otherwise."""
+from __future__ import annotations
+
+from harness import hookimpl
+from harness.space import Requirements, Technique
+from plugins._layout import apply_channels_last
+
+NAME = "channels-last"
+TECHNIQUE = Technique(axis="compile", name=NAME, requires=Requirements(workload_kinds=("conv",)),
+                      description="eager, model and inputs in channels-last memory format")
+
+
+@hookimpl
+def harness_declare_techniques():
+    return [TECHNIQUE]
+
+
+@hookimpl
+def harness_compile_step(step, spec, device):
+    if spec.compile.name != NAME:
+        return None
+    apply_channels_last(step)
+    return step

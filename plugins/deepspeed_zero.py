@@ -1,0 +1,237 @@
+"""Parallelism ``deepspeed``: the DeepSpeed engine with ZeRO stage 0-3 and optional CPU offload.
+
+ZeRO partitions the optimizer state (stage 1), also the gradients (stage 2) and also the parameters (stage 3)
+across the ranks; ``offload_optimizer: cpu`` keeps the optimizer state and step on the host (any stage >= 1) and
+``offload_param: cpu`` the parameters too (stage 3 only). That is what lets one GPU train a model several times
+larger than plain AdamW allows. ``batch_size`` is the *global* batch: each of N ranks gets ``batch_size / N``
+(DeepSpeed's ``train_micro_batch_size_per_gpu``, no gradient accumulation), so trials compare at any N.
+
+The other axes map into DeepSpeed's own settings:
+
+- precision: ``Precision.compute_dtype`` bfloat16 / float16 turns on DeepSpeed's ``bf16`` / ``fp16`` (dynamic
+  loss scaling) mode, which keeps float32 master weights and runs the model in half precision. The step then
+  runs without autocast (the engine replaces the precision by a copy without it), so nothing is cast twice.
+  float32 and TF32 run DeepSpeed in float32; fp8 is not supported.
+- optimizer: the optimizer the optimizer axis built (torch Adam/AdamW/SGD...) is DeepSpeed's client optimizer;
+  with ``optimizer_impl: auto`` Adam/AdamW are replaced by DeepSpeed's kernels with the same hyper-parameters:
+  ``DeepSpeedCPUAdam`` when the optimizer is offloaded (compiles a host op on first use, about a minute) and
+  ``FusedAdam`` on CUDA.
+
+Runs as one process too (ZeRO-3 + offload on one GPU); a process group of one is then created here.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import torch
+from torch import nn
+
+from harness import hookimpl
+from harness.errors import TrialFailed
+from harness.space import Categorical, Int, Requirements, Technique
+from harness.step import Engine
+
+NAME = "deepspeed"
+TECHNIQUE = Technique(
+    axis="parallelism", name=NAME,
+    space={
+        "stage": Categorical((0, 1, 2, 3), default=2, help="ZeRO stage: 1 optimizer state, 2 + gradients, "
+                                                            "3 + parameters partitioned across ranks"),
+        "offload_optimizer": Categorical(("none", "cpu"), default="none",
+                                         help="keep optimizer state and step on the host (stage >= 1)"),
+        "offload_param": Categorical(("none", "cpu"), default="none", help="keep parameters on the host "
+                                                                           "(stage 3 only)"),
+        "offload_pin_memory": Categorical((True, False), default=True,
+                                          help="page-locked host buffers for offload (faster copies, pins RAM)"),
+        "optimizer_impl": Categorical(("auto", "torch"), default="auto",
+                                      help="auto: DeepSpeed's CPUAdam (offload) / FusedAdam (CUDA) for Adam(W); "
+                                           "torch: the optimizer axis's torch optimizer as built"),
+        "reduce_bucket_size": Int(10 ** 6, 10 ** 9, default=5 * 10 ** 8, log=True,
+                                  help="elements per gradient reduce bucket"),
+        "allgather_bucket_size": Int(10 ** 6, 10 ** 9, default=5 * 10 ** 8, log=True,
+                                     help="elements per parameter all-gather bucket (stages 1-2)"),
+        "stage3_prefetch_bucket_size": Int(10 ** 5, 10 ** 9, default=5 * 10 ** 7, log=True,
+                                           help="elements of parameters prefetched ahead of use (stage 3)"),
+        "stage3_param_persistence_threshold": Int(0, 10 ** 7, default=10 ** 5,
+                                                  help="parameters smaller than this stay unpartitioned (stage 3)"),
+        "overlap_comm": Categorical((False, True), default=False,
+                                    help="overlap gradient reduction with the backward pass"),
+    },
+    requires=Requirements(packages=("deepspeed",)),
+    incompatible=("compile:cuda-graph", "precision:fp8"),
+    reason="DeepSpeed's engine synchronises with the host inside its step (no whole-step CUDA graph) and has "
+           "no fp8 mode here",
+    description="DeepSpeed ZeRO 0-3 with optional CPU offload of optimizer and parameters",
+)
+
+
+class _CastInputs(nn.Module):
+    """Casts floating-point inputs to the dtype DeepSpeed holds the parameters in (it does not do it itself)."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype | None):
+        super().__init__()
+        self.inner, self.dtype = inner, dtype
+
+    def forward(self, x):
+        if self.dtype is not None and torch.is_tensor(x) and x.is_floating_point():
+            x = x.to(self.dtype)
+        return self.inner(x)
+
+
+def precision_config(precision, device: torch.device) -> tuple[dict, torch.dtype | None]:
+    """DeepSpeed's precision section for the trial's precision, and the dtype the model then runs in."""
+    dtype = precision.compute_dtype
+    if dtype == torch.bfloat16:
+        return {"bf16": {"enabled": True}}, torch.bfloat16
+    if dtype == torch.float16 and device.type == "cpu":
+        raise TrialFailed("infeasible", "parallelism 'deepspeed': DeepSpeed's CPU accelerator has no float16 mode "
+                                        "(use a bfloat16 or float32 precision on the CPU)")
+    if dtype == torch.float16:
+        return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}}, torch.float16
+    if dtype in (torch.float32, "tf32"):
+        return {}, None
+    raise TrialFailed("infeasible", f"parallelism 'deepspeed': precision with compute dtype {dtype} has no "
+                                    "DeepSpeed mode (allowed: float32, tf32, bfloat16, float16)")
+
+
+def zero_config(p: dict) -> dict:
+    zero = {"stage": p["stage"], "reduce_bucket_size": p["reduce_bucket_size"],
+            "allgather_bucket_size": p["allgather_bucket_size"], "overlap_comm": p["overlap_comm"],
+            "contiguous_gradients": True}
+    if p["stage"] == 3:
+        zero.update(stage3_prefetch_bucket_size=p["stage3_prefetch_bucket_size"],
+                    stage3_param_persistence_threshold=p["stage3_param_persistence_threshold"])
+    if p["offload_optimizer"] == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": p["offload_pin_memory"]}
+    if p["offload_param"] == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": p["offload_pin_memory"]}
+    return zero
+
+
+def deepspeed_optimizer(optimizer, params, p: dict, device: torch.device):
+    """The optimizer DeepSpeed steps: DeepSpeed's Adam kernels with the client's hyper-parameters when
+    ``optimizer_impl`` is ``auto`` and the client is torch Adam/AdamW, the client optimizer otherwise."""
+    is_adam = type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+    if p["optimizer_impl"] != "auto" or not is_adam:
+        return optimizer
+    group = optimizer.param_groups[0]
+    hyper = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+    adamw = type(optimizer) is torch.optim.AdamW
+    if p["offload_optimizer"] == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=adamw, **hyper)
+    if device.type == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(params, adam_w_mode=adamw, **hyper)
+    return optimizer
+
+
+def _ensure_process_group(device: torch.device) -> bool:
+    """Create a one-process group when the trial runs without torchrun; True when this call created it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    from harness.launch import free_port
+
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
+                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    return True
+
+
+class DeepSpeedEngine(Engine):
+    """Forward, backward and step through ``deepspeed.initialize``'s engine (which owns loss scaling,
+    ZeRO partitioning, gradient reduction and offload)."""
+
+    def __init__(self, model, optimizer, precision, spec, device):
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        p = spec.parallelism.params
+        self._own_group = _ensure_process_group(device)
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        half, dtype = precision_config(precision, device)
+        config = {
+            "train_micro_batch_size_per_gpu": spec.batch_size // world,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": zero_config(p),
+            # the client optimizers are plain torch ones; offload may step them on the host
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False,
+            **half,
+        }
+        params = [q for q in model.parameters() if q.requires_grad]
+        client = deepspeed_optimizer(optimizer, params, p, device)
+        ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config,
+                                                      dist_init_required=False)
+        self.ds, self.client_optimizer = ds, client
+        step_precision = dataclasses.replace(precision, autocast=contextlib.nullcontext, scaler=None, model=None,
+                                             info={})
+        super().__init__(_CastInputs(ds, dtype), ds_optimizer, step_precision)
+        self.module = ds.module
+        self.eval_model = self.model
+        self.config = config
+
+    @property
+    def scheduler(self):
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler) -> None:
+        # The runner builds the schedule on the axis's optimizer; it must drive the one DeepSpeed steps.
+        if scheduler is not None and hasattr(scheduler, "optimizer"):
+            scheduler.optimizer = self.client_optimizer
+        self._scheduler = scheduler
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()  # also zeroes the gradients
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def lr(self) -> float:
+        return float(self.client_optimizer.param_groups[0]["lr"])
+
+    def close(self) -> None:
+        getattr(self.ds, "destroy", lambda: None)()
+        if self._own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+@hookimpl
+def harness_declare_techniques():
+    return [TECHNIQUE]
+
+
+@hookimpl
+def harness_check_combination(spec):
+    if spec.parallelism.name != NAME:
+        return None
+    p = spec.parallelism.params
+    if p.get("offload_param") == "cpu" and p.get("stage") != 3:
+        return f"parallelism.offload_param: 'cpu' needs ZeRO stage 3 (stage: {p.get('stage')})"
+    if p.get("offload_optimizer") == "cpu" and p.get("stage") == 0:
+        return "parallelism.offload_optimizer: 'cpu' needs ZeRO stage 1, 2 or 3 (stage: 0)"
+    return None
+
+
+@hookimpl
+def harness_build_engine(model, optimizer, precision, spec, device, dist):
+    if spec.parallelism.name != NAME:
+        return None
+    return DeepSpeedEngine(model, optimizer, precision, spec, device)

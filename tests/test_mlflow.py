@@ -1,0 +1,293 @@
+"""The ``mlflow`` plugin against a real ``mlflow server`` on loopback: a study through the real driver (``harness
+study``) read back with MlflowClient (parent/child links, params, per-step and final metrics, statuses for
+COMPLETE / FAIL / PRUNED, tags, artifacts), a child left RUNNING by a killed driver closed FAILED on resume,
+standalone runs of ``harness run``, disabling by name, and bad tracking settings."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from harness.space import Environment
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parent
+HARNESS = [sys.executable, "-m", "harness.cli"]
+ADAMW = {"adamw": {"lr": 0.01, "weight_decay": 0.0, "implementation": "default", "schedule": "constant",
+                   "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "warmup_fraction": 0.05}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite backend, proxied artifacts) on a free loopback port."""
+    tmp = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+         "--artifacts-destination", str(tmp / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 150
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {(tmp / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer /health: {(tmp / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def env(**extra) -> dict:
+    path = os.pathsep.join(p for p in (str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")) if p)
+    out = dict(os.environ, PYTHONPATH=path, HARNESS_PLUGINS="failing_plugin", MPLBACKEND="Agg",
+               MLFLOW_DISABLE_TELEMETRY="true")
+    out.pop("MLFLOW_TRACKING_URI", None)
+    out.update(extra)
+    return out
+
+
+def study_file(tmp: Path, name: str, uri: str, **fields) -> Path:
+    data = {
+        "name": name,
+        "workload": {"name": "digits", "hidden": 32, "depth": 1},
+        "axes": {"optimizer": ADAMW, "compile": ["eager", "needs-cuda"],
+                 "compression": {"none": None, "fault": {"mode": "raise"}}},
+        "batch_size": 64,
+        "budget": {"steps": 24, "warmup_steps": 2, "windows": 3, "eval_every_steps": 12},
+        "trial_timeout_s": 120,
+        "objectives": [{"throughput": "max"}, {"accuracy": "max"}],
+        "sampler": "grid",
+        "n_trials": 4,
+        "device": "cpu",
+        "heartbeat_s": 1,
+        "storage": f"sqlite:///{tmp / 'optuna.db'}",
+        "output_dir": str(tmp / "out"),
+        "mlflow": {"experiment": f"exp-{name}", "tracking_uri": uri},
+    }
+    data.update(fields)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def harness(args, cwd: Path, timeout: float = 300, **extra_env) -> subprocess.CompletedProcess:
+    return subprocess.run([*HARNESS, *map(str, args)], cwd=cwd, env=env(**extra_env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def runs_of(client: MlflowClient, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment!r}"
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+# ============================================================================================ a study
+@pytest.fixture(scope="module")
+def study_run(server, tmp_path_factory):
+    """The grid over compile {eager, needs-cuda} x compression {none, fault(raise)}: one COMPLETE trial, one
+    FAIL (plugin-error) and two PRUNED (infeasible: needs CUDA)."""
+    tmp = tmp_path_factory.mktemp("mlflow-study")
+    proc = harness(["study", study_file(tmp, "grid", server)], tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = optuna.load_study(study_name="grid", storage=f"sqlite:///{tmp / 'optuna.db'}")
+    client = MlflowClient(tracking_uri=server)
+    runs = runs_of(client, "exp-grid")
+    parent = [r for r in runs if r.data.tags.get("harness.role") == "study"]
+    children = {int(r.data.tags["harness.trial_number"]): r for r in runs if r.data.tags.get("harness.role") == "trial"}
+    records = {t.number: t.user_attrs["record"] for t in study.get_trials()}
+    return dict(tmp=tmp, client=client, parent=parent, children=children, records=records)
+
+
+def by_state(study_run, state: str) -> list[tuple[dict, object]]:
+    return [(rec, study_run["children"][n]) for n, rec in study_run["records"].items() if rec["state"] == state]
+
+
+def test_one_parent_run_per_study_with_space_objectives_and_device(study_run):
+    assert len(study_run["parent"]) == 1
+    parent = study_run["parent"][0]
+    assert parent.info.status == "FINISHED"
+    p = parent.data.params
+    assert p["workload"] == "digits" and p["space.compile"] == "eager, needs-cuda"
+    assert p["space.compression"] == "none, fault" and p["space.compression.fault.mode"] == "raise"
+    assert p["objectives"] == "throughput (maximize), accuracy (maximize)"
+    t = parent.data.tags
+    assert t["device.host"] == socket.gethostname()
+    assert t["device.gpu_count"] == str(Environment.detect().device_count)
+    assert t["device.torch"] and t["device.cuda"] and t["device.gpu_name"] and t["device.driver"]
+    assert parent.data.metrics["trials_complete"] == 1 and parent.data.metrics["trials_failed"] == 1
+
+
+def test_every_trial_is_a_child_run_with_its_status(study_run):
+    parent_id = study_run["parent"][0].info.run_id
+    assert sorted(study_run["children"]) == sorted(study_run["records"]) and len(study_run["records"]) == 4
+    expected = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
+    for number, rec in study_run["records"].items():
+        run = study_run["children"][number]
+        assert run.data.tags["mlflow.parentRunId"] == parent_id
+        assert run.info.status == expected[rec["state"]], (number, rec["state"], run.info.status)
+        assert run.data.tags["harness.state"] == rec["state"]
+        assert run.data.tags["harness.spec_hash"] == rec["spec_hash"]
+        assert run.data.params["compile"] == rec["params"]["compile"]
+        assert run.data.params["optimizer.lr"] == "0.01"
+    assert sorted(r["state"] for r in study_run["records"].values()) == ["COMPLETE", "FAIL", "PRUNED", "PRUNED"]
+
+
+def test_failed_and_pruned_trials_carry_class_and_message(study_run):
+    (rec, run), = by_state(study_run, "FAIL")
+    assert run.data.tags["harness.failure_class"] == "plugin-error"
+    assert "injected plugin bug" in run.data.tags["harness.failure_message"]
+    for rec, run in by_state(study_run, "PRUNED"):
+        assert run.data.tags["harness.failure_class"] == "infeasible"
+        assert "requires CUDA" in run.data.tags["harness.failure_message"]
+        assert run.data.tags["pareto"] == "false"
+
+
+def test_complete_trial_has_step_metrics_final_metrics_and_objectives(study_run):
+    client = study_run["client"]
+    (rec, run), = by_state(study_run, "COMPLETE")
+    m = run.data.metrics
+    assert m["throughput_samples_per_s"] == pytest.approx(rec["metrics"]["throughput_samples_per_s"])
+    assert m["throughput"] == pytest.approx(rec["metrics"]["throughput_samples_per_s"])  # the objective's name
+    assert m["accuracy"] == pytest.approx(rec["metrics"]["accuracy"])
+    assert m["peak_memory_bytes"] == pytest.approx(rec["metrics"]["peak_memory_bytes"])
+    loss = client.get_metric_history(run.info.run_id, "train_loss")
+    steps = sorted(p.step for p in loss)
+    assert steps[0] == 2 and steps[-1] == 24 and len(set(steps)) == 1 + rec["metrics"]["timing_windows"]
+    window = client.get_metric_history(run.info.run_id, "window_throughput_samples_per_s")
+    assert len(window) == rec["metrics"]["timing_windows"] and all(p.value > 0 for p in window)
+    assert len(client.get_metric_history(run.info.run_id, "lr")) >= 3
+    # evaluations: the intermediate one (step 12) and the final one
+    assert sorted({p.step for p in client.get_metric_history(run.info.run_id, "accuracy")}) == [12, 24]
+    assert run.data.tags["pareto"] == "true"
+    assert run.data.tags["condition.device_name"].startswith("cpu")
+
+
+def test_artifacts_spec_on_children_and_report_on_parent(study_run):
+    client, tmp = study_run["client"], study_run["tmp"]
+    for number, run in study_run["children"].items():
+        names = [a.path for a in client.list_artifacts(run.info.run_id)]
+        assert "trial_spec.json" in names
+    (rec, run), = by_state(study_run, "COMPLETE")
+    spec = json.loads(Path(client.download_artifacts(run.info.run_id, "trial_spec.json", str(tmp))).read_text())
+    assert spec["tags"]["mlflow.run_id"] == run.info.run_id and spec["compile"]["name"] == "eager"
+    parent = study_run["parent"][0]
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    written = {p.name for p in (tmp / "out").iterdir() if p.suffix in (".csv", ".png", ".json")}
+    assert "trials.csv" in names and written <= names
+
+
+# ============================================================================================ resume
+def test_running_child_of_a_killed_driver_is_closed_failed_on_resume(server, tmp_path):
+    client = MlflowClient(tracking_uri=server)
+    hang = {"compile": ["eager"], "compression": {"fault": {"mode": "hang"}}, "optimizer": ADAMW}
+    path = study_file(tmp_path, "killed", server, axes=hang, n_trials=1, sampler="random")
+    driver = subprocess.Popen([*HARNESS, "study", str(path)], cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        running = []
+        while not running:
+            assert driver.poll() is None, "the driver ended before its trial started"
+            assert time.monotonic() < deadline, "no RUNNING child run appeared"
+            time.sleep(0.5)
+            exp = client.get_experiment_by_name("exp-killed")
+            if exp is not None:
+                running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING' and "
+                                             "tags.`harness.role` = 'trial'")
+        family = psutil.Process(driver.pid).children(recursive=True)
+    finally:
+        driver.kill()
+        driver.wait()
+    for p in family:  # the trial's worker runs in a session of its own
+        p.kill()
+    orphan = running[0].info.run_id
+    assert client.get_run(orphan).info.status == "RUNNING"
+
+    ok = {"compile": ["eager"], "compression": {"fault": {"mode": "ok"}}, "optimizer": ADAMW}
+    proc = harness(["study", study_file(tmp_path, "killed", server, axes=ok, n_trials=1, sampler="random")],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    closed = client.get_run(orphan)
+    assert closed.info.status == "FAILED"
+    assert closed.data.tags["harness.failure_class"] == "crashed"
+    assert "stopped while trial #0 was running" in closed.data.tags["harness.failure_message"]
+    runs = runs_of(client, "exp-killed")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert [r.info.status for r in runs if r.data.tags.get("harness.role") == "trial"
+            and r.info.run_id != orphan] == ["FINISHED"]
+    assert len([r for r in runs if r.data.tags.get("harness.role") == "study"]) == 1  # the same parent run
+
+
+# ============================================================================================ harness run
+def test_harness_run_logs_a_standalone_run_when_a_tracking_uri_is_set(server, tmp_path):
+    proc = harness(["run", "--workload", "digits", "--device", "cpu", "--steps", "12", "--set", "budget.warmup_steps=2",
+                    "--set", "workload.hidden=16"], tmp_path, MLFLOW_TRACKING_URI=server,
+                   HARNESS_MLFLOW_EXPERIMENT="standalone-test")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    client = MlflowClient(tracking_uri=server)
+    (run,) = runs_of(client, "standalone-test")
+    assert run.info.status == "FINISHED" and run.data.params["workload"] == "digits"
+    assert run.data.metrics["throughput_samples_per_s"] > 0
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2
+
+
+def test_disabled_by_name_nothing_is_logged(server, tmp_path):
+    # --disable must reach the trial process, where the worker side of the plugin would log
+    proc = harness(["--disable", "mlflow", "run", "--workload", "digits", "--device", "cpu", "--steps", "8", "--set",
+                    "budget.warmup_steps=2", "--set", "workload.hidden=16"], tmp_path, MLFLOW_TRACKING_URI=server,
+                   HARNESS_MLFLOW_EXPERIMENT="disabled-test")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert MlflowClient(tracking_uri=server).get_experiment_by_name("disabled-test") is None
+
+
+def test_unknown_tracking_key_is_a_one_line_spec_error(server, tmp_path):
+    path = study_file(tmp_path, "badkey", server, mlflow={"experimnt": "x"})
+    proc = harness(["study", path], tmp_path)
+    assert proc.returncode == 2
+    assert "mlflow: unknown key 'experimnt' (allowed: experiment, tracking_uri, artifact_location)" in proc.stderr
+
+
+def test_step_metrics_file_skips_a_torn_last_line(tmp_path):
+    from plugins.mlflow_tracking import read_step_metrics
+
+    path = tmp_path / "run.jsonl"
+    path.write_text('["train_loss", 0.5, 1700000000000, 3]\n["lr", 0.001, 1700000000001, 3]\n["train_lo')
+    assert read_step_metrics(str(path)) == [("train_loss", 0.5, 1700000000000, 3), ("lr", 0.001, 1700000000001, 3)]
+    assert not path.exists() and read_step_metrics(str(path)) == []
