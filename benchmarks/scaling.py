@@ -109,10 +109,10 @@ def main(argv=None) -> int:
                 eff = f"{tput / (n * base):.1%}" if tput and base else "-"
                 peak = m.get("peak_memory_bytes")
                 formula = "-"
-                params = m.get("parameters") or m.get("param_count")
+                params = m.get("parameter_count")
                 if technique in ZERO_BYTES_PER_PARAM and params:
                     rep, shard = ZERO_BYTES_PER_PARAM[technique]
-                    formula = f"{(rep + shard / n) * params / 2**30:.2f}"
+                    formula = f"{(rep + shard / n) * params / 2**30:.3g}"
                 row = (f"| {workload} | {spec.parallelism.name}{spec.parallelism.params.get('stage', '')} | {n} "
                        f"| {spec.batch_size} | {f'{tput:,.0f}' if tput else '-'} | {eff} "
                        f"| {f'{peak / 2**30:.2f}' if peak else '-'} | {formula} "

@@ -159,6 +159,8 @@ class Trial:
         self.precision = self._required(hook.harness_setup_precision(model=model, spec=spec, device=self.device),
                                         "harness_setup_precision", "precision")
         model = self.precision.model or model
+        # Counted before a parallelism engine shards the parameters (ZeRO-3 / FSDP would show a rank's share).
+        self.metrics["parameter_count"] = sum(p.numel() for p in model.parameters())
         self.flops_per_sample = wl.flops_per_sample
         if self.flops_per_sample is None and self.device.type == "cuda" and self.dist.is_main:
             self.flops_per_sample = self._count_flops(model)

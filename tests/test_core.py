@@ -120,6 +120,7 @@ def test_measurements_are_steady_state_and_consistent():
     assert m["wall_s"] >= m["compile_s"] + m["warmup_s"] + m["train_time_s"]
     assert 0.0 <= m["accuracy"] <= 1.0 and math.isfinite(m["val_loss"])
     assert "mfu" not in m  # no peak FLOPs known for a CPU: no invented MFU
+    assert m["parameter_count"] == 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10  # the digits MLP
 
 
 def test_digits_reaches_90_percent_in_an_isolated_worker():

@@ -34,12 +34,15 @@ def test_cuda_graph_step_matches_eager_losses(optimizer):
     # capture were undone. Later losses follow the same trajectory up to float32 rounding: the capturable
     # optimizers order a few scalar ops differently (a device-side step count and learning rate), and RMSprop's
     # division by a small running average amplifies that to ~0.3% after 12 steps; skipping or repeating one
-    # update moves the loss by several percent.
+    # update moves the loss by several percent of what 12 updates move it (a warm-up schedule or plain SGD moves
+    # it little in 12 steps, so the bound is relative to the eager run's own progress).
     eager = step_losses(12, optimizer=optimizer)
     graph = step_losses(12, optimizer=optimizer, compile="cuda-graph")
-    assert eager[-1] < 0.9 * eager[0]
+    progress = eager[0] - min(eager)
+    assert progress > 0
     assert graph[0] == pytest.approx(eager[0], rel=1e-6)
-    assert graph == pytest.approx(eager, rel=1e-2)
+    drift = max(abs(g - e) for g, e in zip(graph, eager))
+    assert drift < 0.05 * progress, (drift, progress)
 
 
 def test_cuda_graph_with_channels_last_and_bf16_matches_eager():
