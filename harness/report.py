@@ -135,8 +135,8 @@ def write_outputs(study, records: Sequence[TrialRecord], pareto: Sequence[TrialR
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no complete trials" is said by the plot's absence
-    for name, draw in (("pareto.png", _plot_pareto), ("history.png", _plot_history),
-                       ("importance.png", _plot_importance)):
+    for name, draw in (("pareto.png", _plot_pareto), ("history.png", _plot_optuna("plot_optimization_history")),
+                       ("importance.png", _plot_optuna("plot_param_importances"))):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -199,35 +199,22 @@ def _plot_pareto(study, records, pareto, objectives, path: Path) -> bool:
     return True
 
 
-def _first_objective(objectives):
-    return lambda t: t.values[0]
+def _plot_optuna(plot_name: str):
+    """A drawer for one of Optuna's matplotlib plots (``plot_optimization_history``, ``plot_param_importances``)
+    of the first objective; it needs two complete trials at least."""
 
+    def draw(study, records, pareto, objectives, path: Path) -> bool:
+        import matplotlib.pyplot as plt
+        import optuna.visualization.matplotlib as ovm
 
-def _plot_history(study, records, pareto, objectives, path: Path) -> bool:
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as ovm
+        if sum(1 for r in records if r.state == "COMPLETE") < 2:
+            return False
 
-    if sum(1 for r in records if r.state == "COMPLETE") < 2:
-        return False
+        ax = getattr(ovm, plot_name)(study, target=lambda t: t.values[0], target_name=objectives[0].metric)
+        ax.figure.set_size_inches(8, 5)
+        ax.figure.tight_layout()
+        ax.figure.savefig(path, dpi=110)
+        plt.close(ax.figure)
+        return True
 
-    ax = ovm.plot_optimization_history(study, target=_first_objective(objectives), target_name=objectives[0].metric)
-    ax.figure.set_size_inches(8, 5)
-    ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=110)
-    plt.close(ax.figure)
-    return True
-
-
-def _plot_importance(study, records, pareto, objectives, path: Path) -> bool:
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as ovm
-
-    if sum(1 for r in records if r.state == "COMPLETE") < 2:
-        return False
-
-    ax = ovm.plot_param_importances(study, target=_first_objective(objectives), target_name=objectives[0].metric)
-    ax.figure.set_size_inches(8, 5)
-    ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=110)
-    plt.close(ax.figure)
-    return True
+    return draw

@@ -12,6 +12,13 @@ from harness.space import Categorical, Float
 
 IMPLEMENTATIONS = ("default", "foreach", "fused")
 
+#: the moment-decay and epsilon parameters of the Adam family (adam, adamw)
+ADAM_MOMENTS = {
+    "beta1": Float(0.5, 0.999, default=0.9, help="first-moment decay"),
+    "beta2": Float(0.9, 0.9999, default=0.999, help="second-moment decay"),
+    "eps": Float(1e-10, 1e-6, default=1e-8, log=True, help="numerical-stability term"),
+}
+
 
 def common_space(lr: float, lr_low: float, lr_high: float, weight_decay: float = 0.0) -> dict:
     return {

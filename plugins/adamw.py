@@ -4,16 +4,14 @@ from __future__ import annotations
 import torch
 
 from harness import hookimpl
-from harness.space import Float, Technique
-from plugins._optim import build_schedule, common_space, implementation_kwargs, implementation_unavailable
+from harness.space import Technique
+from plugins._optim import ADAM_MOMENTS, build_schedule, common_space, implementation_kwargs, implementation_unavailable
 
 NAME = "adamw"
 TECHNIQUE = Technique(
     axis="optimizer", name=NAME,
     space={**common_space(lr=1e-3, lr_low=1e-5, lr_high=1e-1, weight_decay=0.01),
-           "beta1": Float(0.5, 0.999, default=0.9, help="first-moment decay"),
-           "beta2": Float(0.9, 0.9999, default=0.999, help="second-moment decay"),
-           "eps": Float(1e-10, 1e-6, default=1e-8, log=True, help="numerical-stability term")},
+           **ADAM_MOMENTS},
     description="AdamW (torch.optim.AdamW)",
 )
 

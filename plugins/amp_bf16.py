@@ -3,13 +3,12 @@ optimizer state stay float32; matmuls and convolutions run in bfloat16. bfloat16
 range, so no loss scaling is needed."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from harness import hookimpl
 from harness.space import Technique
 from harness.step import Precision
+from plugins._precision import autocast_to, set_tf32
 
 NAME = "amp-bf16"
 TECHNIQUE = Technique(axis="precision", name=NAME, description="autocast to bfloat16, float32 master weights")
@@ -24,8 +23,6 @@ def harness_declare_techniques():
 def harness_setup_precision(model, spec, device):
     if spec.precision.name != NAME:
         return None
-    if device.type == "cuda":  # the ops autocast leaves in float32 may use TF32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_tf32(device, True)
     return Precision(compute_dtype=torch.bfloat16, param_dtype=torch.bfloat16,
-                     autocast=functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16))
+                     autocast=autocast_to(device, torch.bfloat16))

@@ -3,13 +3,12 @@ scaling (``torch.amp.GradScaler``). Steps whose gradients overflow are skipped b
 counted on the device (no host sync per step) and reported as ``amp_skipped_steps``."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from harness import hookimpl
 from harness.space import Float, Int, Technique
 from harness.step import Precision
+from plugins._precision import autocast_to, set_tf32
 
 NAME = "amp-fp16"
 TECHNIQUE = Technique(
@@ -52,11 +51,9 @@ def harness_setup_precision(model, spec, device):
     if spec.precision.name != NAME:
         return None
     p = spec.precision.params
-    if device.type == "cuda":  # the ops autocast leaves in float32 may use TF32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_tf32(device, True)
     scaler = CountingGradScaler(device.type, init_scale=p["init_scale"], growth_interval=p["growth_interval"])
     return Precision(compute_dtype=torch.float16, param_dtype=torch.float16, scaler=scaler,
-                     autocast=functools.partial(torch.autocast, device_type=device.type, dtype=torch.float16),
+                     autocast=autocast_to(device, torch.float16),
                      info={"amp_skipped_steps": lambda: int(scaler.skipped_steps.item()),
                            "amp_final_loss_scale": lambda: float(scaler.get_scale())})

@@ -6,6 +6,7 @@ import torch
 from harness import hookimpl
 from harness.space import Technique
 from harness.step import Precision
+from plugins._precision import set_tf32
 
 NAME = "fp32"
 TECHNIQUE = Technique(axis="precision", name=NAME, description="float32 everywhere, TF32 off")
@@ -20,7 +21,5 @@ def harness_declare_techniques():
 def harness_setup_precision(model, spec, device):
     if spec.precision.name != NAME:
         return None
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    set_tf32(device, False)
     return Precision(compute_dtype=torch.float32, param_dtype=torch.float32)

@@ -4,14 +4,13 @@ matmuls in float8 with dynamic scaling, everything else under bfloat16 autocast.
 matmuls only pay off when the model is also compiled (``torch-compile``), which fuses the casts."""
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from harness import hookimpl
 from harness.space import Categorical, Requirements, Technique
 from harness.step import Precision
+from plugins._precision import autocast_to, set_tf32
 
 NAME = "fp8"
 TECHNIQUE = Technique(
@@ -39,11 +38,10 @@ def harness_setup_precision(model, spec, device):
         return None
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    set_tf32(device, True)
     config = Float8LinearConfig.from_recipe_name(spec.precision.params["recipe"])
     converted = convert_to_float8_training(model, config=config, module_filter_fn=float8_eligible)
     layers = sum(1 for m in converted.modules() if type(m).__name__ == "Float8Linear")
     return Precision(compute_dtype="fp8", param_dtype=torch.bfloat16, model=converted,
-                     autocast=functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16),
+                     autocast=autocast_to(device, torch.bfloat16),
                      info={"fp8_linear_layers": layers})

@@ -7,6 +7,7 @@ import torch
 from harness import hookimpl
 from harness.space import Technique
 from harness.step import Precision
+from plugins._precision import set_tf32
 
 NAME = "tf32"
 TECHNIQUE = Technique(axis="precision", name=NAME, description="float32 storage, TF32 matmul/conv math")
@@ -21,8 +22,6 @@ def harness_declare_techniques():
 def harness_setup_precision(model, spec, device):
     if spec.precision.name != NAME:
         return None
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_tf32(device, True)
     # On a CPU there is no TF32: the math stays float32, and MFU is not computed for CPUs anyway.
     return Precision(compute_dtype="tf32" if device.type == "cuda" else torch.float32, param_dtype=torch.float32)
