@@ -6,7 +6,7 @@ group. An implementation may accept any subset of a hook's arguments (pluggy pas
 Order inside a trial's worker process (DESIGN.md, "Data flow of one trial")::
 
     harness_build_workload -> harness_compress_before_training -> harness_setup_precision
-    -> harness_build_optimizer -> harness_build_lr_scheduler -> harness_build_engine -> harness_build_loss
+    -> harness_build_optimizer -> harness_build_engine -> harness_build_lr_scheduler -> harness_build_loss
     -> harness_compile_step -> harness_trial_start -> (train; harness_trial_window at every timing window,
     harness_trial_evaluated at every evaluation) -> harness_compress_after_training -> harness_measure_model
     -> harness_trial_end
@@ -108,24 +108,27 @@ def harness_build_optimizer(params, spec, device):
 
 
 @hookspec(firstresult=True)
-def harness_build_lr_scheduler(optimizer, spec, total_steps):
-    """Return a learning-rate scheduler stepped once per optimizer step, or None for a constant rate.
-
-    Called right after :func:`harness_build_optimizer`.
-
-    :param total_steps: the trial's planned number of optimizer steps (an estimate for a seconds budget).
-    """
-
-
-@hookspec(firstresult=True)
 def harness_build_engine(model, optimizer, precision, spec, device, dist):
     """Build the parallelism engine for ``spec.parallelism``: what wraps the model and performs backward
     and optimizer steps.
 
-    Called after the optimizer is built. ``dist`` is a :class:`harness.step.DistInfo` (rank, world size,
-    backend); the process group is already initialised when ``dist.world > 1``.
+    Called after the optimizer is built (the learning-rate schedule comes after it). ``dist`` is a
+    :class:`harness.step.DistInfo` (rank, world size, backend); the process group is already initialised when
+    ``dist.world > 1``.
 
     :returns: a :class:`harness.step.Engine` (or subclass).
+    """
+
+
+@hookspec(firstresult=True)
+def harness_build_lr_scheduler(optimizer, spec, total_steps):
+    """Return a learning-rate scheduler stepped once per optimizer step, or None for a constant rate.
+
+    Called right after :func:`harness_build_engine`, with the torch optimizer the engine steps
+    (:attr:`harness.step.Engine.schedule_optimizer`: the optimizer axis's own, or the one a parallelism engine
+    rebuilt or substituted for it).
+
+    :param total_steps: the trial's planned number of optimizer steps (an estimate for a seconds budget).
     """
 
 

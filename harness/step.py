@@ -83,12 +83,20 @@ class Engine:
         if self.scheduler is not None:
             self.scheduler.step()
 
+    @property
+    def schedule_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer whose ``param_groups`` learning rates the schedule sets and :meth:`lr` reads.
+
+        Engines that step a wrapper (DeepSpeed's ZeRO optimizer) return the torch optimizer inside it.
+        """
+        return self.optimizer
+
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Context for micro-batches whose gradients are accumulated without communication."""
         return contextlib.nullcontext()
 
     def lr(self) -> float:
-        group = self.optimizer.param_groups[0]
+        group = self.schedule_optimizer.param_groups[0]
         lr = group["lr"]
         return float(lr.item() if torch.is_tensor(lr) else lr)
 

@@ -168,11 +168,12 @@ class Trial:
         self.optimizer = self._required(hook.harness_build_optimizer(params=params, spec=spec, device=self.device),
                                         "harness_build_optimizer", "optimizer")
         self.total_steps = self.planned_steps()
-        scheduler = hook.harness_build_lr_scheduler(optimizer=self.optimizer, spec=spec,
-                                                    total_steps=self.total_steps)
         self.engine: Engine = self._required(hook.harness_build_engine(
             model=model, optimizer=self.optimizer, precision=self.precision, spec=spec, device=self.device,
             dist=self.dist), "harness_build_engine", "parallelism")
+        # The schedule drives the optimizer the engine actually steps (DeepSpeed's, FSDP's rebuilt one).
+        scheduler = hook.harness_build_lr_scheduler(optimizer=self.engine.schedule_optimizer, spec=spec,
+                                                    total_steps=self.total_steps)
         if scheduler is not None and self.engine.scheduler is None:
             self.engine.scheduler = scheduler
         # An engine with its own mixed precision (DeepSpeed, FSDP) hands back the precision the step runs under

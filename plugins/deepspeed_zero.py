@@ -184,15 +184,9 @@ class DeepSpeedEngine(Engine):
         self.config = config
 
     @property
-    def scheduler(self):
-        return self._scheduler
-
-    @scheduler.setter
-    def scheduler(self, scheduler) -> None:
-        # The runner builds the schedule on the axis's optimizer; it must drive the one DeepSpeed steps.
-        if scheduler is not None and hasattr(scheduler, "optimizer"):
-            scheduler.optimizer = self.client_optimizer
-        self._scheduler = scheduler
+    def schedule_optimizer(self):
+        # DeepSpeed steps its ZeRO wrapper; the learning rates live in the client optimizer inside it.
+        return self.client_optimizer
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
@@ -201,9 +195,6 @@ class DeepSpeedEngine(Engine):
         self.ds.step()  # also zeroes the gradients
         if self.scheduler is not None:
             self.scheduler.step()
-
-    def lr(self) -> float:
-        return float(self.client_optimizer.param_groups[0]["lr"])
 
     def close(self) -> None:
         getattr(self.ds, "destroy", lambda: None)()

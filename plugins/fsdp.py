@@ -82,19 +82,7 @@ class FSDPEngine(Engine):
         for unit in shard_units(model):
             fully_shard(unit, reshard_after_forward=params["reshard_after_forward"], mp_policy=mp)
         fully_shard(model, reshard_after_forward=params["reshard_after_forward"], mp_policy=mp)
-        self.client_optimizer = rebuild_optimizer(optimizer, old, dict(model.named_parameters()))
-        super().__init__(model, self.client_optimizer, precision)
-
-    @property
-    def scheduler(self):
-        return self._scheduler
-
-    @scheduler.setter
-    def scheduler(self, scheduler) -> None:
-        # The runner builds the schedule on the optimizer it was given; it must drive the rebuilt one.
-        if scheduler is not None and hasattr(scheduler, "optimizer"):
-            scheduler.optimizer = self.client_optimizer
-        self._scheduler = scheduler
+        super().__init__(model, rebuild_optimizer(optimizer, old, dict(model.named_parameters())), precision)
 
     def no_sync(self):
         @contextlib.contextmanager

@@ -17,8 +17,8 @@ from harness.trial import run_trial
 
 # The order DESIGN.md gives for one trial (worker side), as hook names.
 DESIGN_ORDER = [
-    "build_workload", "compress_before_training", "setup_precision", "build_optimizer", "build_lr_scheduler",
-    "build_engine", "build_loss", "compile_step", "trial_start", "trial_window", "trial_evaluated",
+    "build_workload", "compress_before_training", "setup_precision", "build_optimizer", "build_engine",
+    "build_lr_scheduler", "build_loss", "compile_step", "trial_start", "trial_window", "trial_evaluated",
     "compress_after_training", "measure_model", "trial_end",
 ]
 
