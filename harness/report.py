@@ -41,6 +41,8 @@ def records_from_study(study) -> list[TrialRecord]:
     record that says so."""
     out = []
     for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("surplus"):
+            continue  # asked by a driver after n_trials were already claimed, never run
         data = t.user_attrs.get("record")
         if data:
             out.append(TrialRecord.from_dict(data))

@@ -692,6 +692,8 @@ class StudyDriver:
                    interrupted=0)
         for t in self.study.get_trials(deepcopy=False):
             cls = t.user_attrs.get("failure_class")
+            if t.user_attrs.get("surplus"):
+                continue
             if t.state == TrialState.RUNNING:
                 out["running"] += 1
             elif t.state == TrialState.WAITING:
@@ -747,6 +749,8 @@ class StudyDriver:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     trial = study.ask()
+                if self._surplus(trial):
+                    continue
                 self.run_trial(trial)
             self._update_progress("done")
         records = report.records_from_study(study)
@@ -758,6 +762,26 @@ class StudyDriver:
         hook.harness_study_end(study=study, config=cfg, records=records, pareto=pareto,
                                output_dir=self.output_dir)
         return records, pareto
+
+    def _surplus(self, trial) -> bool:
+        """Whether n_trials were already claimed by lower-numbered trials when ``trial`` was asked: two drivers
+        that read the counts at the same moment both ask, and the higher trial number gives way. A surplus
+        trial is failed at once, marked so, and left out of the counts and the report."""
+        from optuna.trial import TrialState
+
+        if self.n_trials is None:
+            return False
+        ahead = 0
+        for t in self.study.get_trials(deepcopy=False):
+            if t.number >= trial.number or t.user_attrs.get("surplus"):
+                continue
+            if t.state == TrialState.RUNNING or (t.state.is_finished() and "record" in t.user_attrs):
+                ahead += 1
+        if ahead < self.n_trials:
+            return False
+        trial.set_user_attr("surplus", True)
+        self.study.tell(trial, state=TrialState.FAIL)
+        return True
 
     def _fail_stale(self) -> None:
         import optuna

@@ -330,6 +330,27 @@ def _driver(path: Path, monkeypatch):
     return driver
 
 
+def test_simultaneous_asks_past_n_trials_give_way_to_the_lower_trial_number(tmp_path, monkeypatch):
+    """Two drivers that read "5 of 6 claimed" at the same moment both ask: the higher number is surplus."""
+    from harness.report import records_from_study
+
+    monkeypatch.chdir(tmp_path)
+    driver = _driver(study_file(tmp_path, "race", n_trials=2, axes={"optimizer": adamw(lr=0.003)}), monkeypatch)
+    study = driver.study
+    done = study.ask()
+    done.set_user_attr("record", {"number": 0, "state": "COMPLETE"})
+    study.tell(done, [1.0, 1.0])
+    mine, theirs = study.ask(), study.ask()  # both asked when one trial of two was claimed
+    assert not driver._surplus(mine), "the lower number runs"
+    assert driver._surplus(theirs), "the higher number gives way"
+    frozen = {t.number: t for t in study.get_trials()}
+    assert frozen[theirs.number].state == optuna.trial.TrialState.FAIL and frozen[theirs.number].user_attrs["surplus"]
+    assert frozen[mine.number].state == optuna.trial.TrialState.RUNNING
+    c = driver.counts()
+    assert (c["finished"], c["running"], c["interrupted"]) == (1, 1, 0), c
+    assert [r.number for r in records_from_study(study)] == [0, mine.number], "a surplus trial is not reported"
+
+
 @pytest.mark.slow
 def test_single_objective_pruner_stops_a_trial_behind_the_median(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
