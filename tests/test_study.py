@@ -383,3 +383,16 @@ def test_screening_prunes_a_combination_dominated_on_throughput_and_memory(tmp_p
     assert big.state == "PRUNED" and big.failure_class == "screened", big
     assert "dominated at screening by trial #0" in big.message and big.metrics["steps"] == 12
     assert [r.number for r in pareto] == [0]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_study_file_validates_against_the_installed_plugins(path, tmp_path, monkeypatch):
+    from harness.plugins import get_registry
+    from harness.study import StudyConfig
+    from plugins._cifar import write_tiny_cifar
+
+    monkeypatch.chdir(tmp_path)  # the CIFAR studies name data/cifar-10-batches-py, which must exist
+    write_tiny_cifar(tmp_path / "data" / "cifar-10-batches-py")
+    cfg = StudyConfig.from_yaml(path, get_registry())
+    assert cfg.n_trials and cfg.objectives
+    assert {"optimizer", "precision", "compile"} <= set(cfg.axes)
