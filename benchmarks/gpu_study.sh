@@ -33,5 +33,4 @@ harness study "studies/$study-gpu.yaml" --timeout "$seconds" --storage "sqlite:/
 echo "study wall time: $(( $(date +%s) - start )) s" | tee -a "$out/$study.log"
 cp "/tmp/harness-out/$study/trials.csv" "$out/$study-trials.csv" 2>/dev/null
 cp "/tmp/harness-out/$study/pareto.json" "$out/$study-pareto.json" 2>/dev/null
-harness report "$study-gpu" --storage "sqlite:///$out/$study.db" > "$out/$study-report.txt" 2>&1
 true

@@ -519,6 +519,23 @@ def _value(trial, name: str, entry: tuple):
     return value if kind == "fixed" else _suggest(trial, name, value)
 
 
+def _slot(t) -> str | None:
+    """How a stored trial stands toward n_trials: "running", "waiting", "interrupted" (its process died before
+    a record was written: it reruns and does not count) or "finished"; None for a surplus trial, which never
+    ran and never counts."""
+    from optuna.trial import TrialState
+
+    if t.user_attrs.get("surplus"):
+        return None
+    if t.state == TrialState.RUNNING:
+        return "running"
+    if t.state == TrialState.WAITING:
+        return "waiting"
+    if t.state == TrialState.FAIL and "record" not in t.user_attrs:
+        return "interrupted"
+    return "finished"
+
+
 def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str], margin: float = 0.0) -> bool:
     """True when ``a`` is at least as good as ``b`` on every objective and better on one; with ``margin``,
     ``a`` must be better by that fraction where it is better and may be worse by at most it elsewhere."""
@@ -691,25 +708,21 @@ class StudyDriver:
         out = dict(finished=0, running=0, waiting=0, complete=0, failed=0, pruned=0, infeasible=0, screened=0,
                    interrupted=0)
         for t in self.study.get_trials(deepcopy=False):
-            cls = t.user_attrs.get("failure_class")
-            if t.user_attrs.get("surplus"):
+            slot = _slot(t)
+            if slot is None:
                 continue
-            if t.state == TrialState.RUNNING:
-                out["running"] += 1
-            elif t.state == TrialState.WAITING:
-                out["waiting"] += 1
-            elif t.state == TrialState.FAIL and "record" not in t.user_attrs:
-                out["interrupted"] += 1
+            out[slot] += 1
+            if slot != "finished":
+                continue
+            cls = t.user_attrs.get("failure_class")
+            if t.state == TrialState.COMPLETE:
+                out["complete"] += 1
+            elif cls in ("infeasible", "screened"):
+                out[cls] += 1
+            elif t.state == TrialState.PRUNED:
+                out["pruned"] += 1
             else:
-                out["finished"] += 1
-                if t.state == TrialState.COMPLETE:
-                    out["complete"] += 1
-                elif cls in ("infeasible", "screened"):
-                    out[cls] += 1
-                elif t.state == TrialState.PRUNED:
-                    out["pruned"] += 1
-                else:
-                    out["failed"] += 1
+                out["failed"] += 1
         return out
 
     def run(self) -> tuple[list[TrialRecord], list[TrialRecord]]:
@@ -771,12 +784,8 @@ class StudyDriver:
 
         if self.n_trials is None:
             return False
-        ahead = 0
-        for t in self.study.get_trials(deepcopy=False):
-            if t.number >= trial.number or t.user_attrs.get("surplus"):
-                continue
-            if t.state == TrialState.RUNNING or (t.state.is_finished() and "record" in t.user_attrs):
-                ahead += 1
+        ahead = sum(1 for t in self.study.get_trials(deepcopy=False)
+                    if t.number < trial.number and _slot(t) in ("running", "finished"))
         if ahead < self.n_trials:
             return False
         trial.set_user_attr("surplus", True)
