@@ -166,14 +166,24 @@ def test_injected_failures_get_their_class_and_infeasible_trials_are_never_launc
 
 
 # ============================================================================================ resume, scale-out
-def _wait_for(predicate, timeout_s: float, what: str):
+def _wait_for(predicate, timeout_s: float, what: str, detail=lambda: ""):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}{detail()}")
+
+
+def _study_state(tmp: Path, name: str, log: Path) -> str:
+    """What a study's storage and its driver's log say, for a failed wait's message."""
+    try:
+        trials = [(t.number, t.state.name, t.user_attrs.get("failure_class")) for t in load(tmp, name).get_trials()]
+    except Exception as exc:  # only for the message
+        trials = f"unreadable: {type(exc).__name__}: {exc}"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return f"; trials {trials}; driver output: {text[-1500:]!r}"
 
 
 @pytest.mark.slow
@@ -181,8 +191,10 @@ def test_sigkilled_driver_resumes_and_reruns_the_interrupted_trial(tmp_path):
     path = study_file(tmp_path, "resume", sampler="grid", n_trials=3, objectives=["throughput"],
                       budget={"steps": 400, "warmup_steps": 2, "windows": 2},
                       axes={"optimizer": adamw(lr=[0.001, 0.002, 0.004])})
-    driver = subprocess.Popen([*HARNESS, "study", str(path)], cwd=tmp_path, env=env_with_test_plugin(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as out:
+        driver = subprocess.Popen([*HARNESS, "study", str(path)], cwd=tmp_path, env=env_with_test_plugin(),
+                                  stdout=out, stderr=subprocess.STDOUT)
     db = tmp_path / "optuna.db"
 
     def running_after_one_complete():
@@ -197,7 +209,8 @@ def test_sigkilled_driver_resumes_and_reruns_the_interrupted_trial(tmp_path):
         return (done, running[0]) if done and running else None
 
     try:
-        done_before, interrupted = _wait_for(running_after_one_complete, 240, "a running trial after a complete one")
+        done_before, interrupted = _wait_for(running_after_one_complete, 240, "a running trial after a complete one",
+                                               lambda: _study_state(tmp_path, "resume", log))
         workers = psutil.Process(driver.pid).children(recursive=True)
     finally:
         driver.send_signal(signal.SIGKILL)
