@@ -69,8 +69,8 @@ def bench_semi_structured(tokens: int = 16 * 1024) -> list[dict]:
                     err = (F.linear(x, sparse_w) - F.linear(x, dense_w)).abs().max().item()
                     dense_s, sparse_s = [], []
                     for _ in range(3):  # alternate, so drift affects both alike
-                        dense_s.append(cuda_time_s(lambda: F.linear(x, dense_w)))
-                        sparse_s.append(cuda_time_s(lambda: F.linear(x, sparse_w)))
+                        dense_s.append(cuda_time_s(lambda x=x, w=dense_w: F.linear(x, w)))
+                        sparse_s.append(cuda_time_s(lambda x=x, w=sparse_w: F.linear(x, w)))
                     d, s = statistics.median(dense_s), statistics.median(sparse_s)
                     row = {"dtype": str(dtype).replace("torch.", ""), "shape": f"{d_in}x{d_out}", "tokens": tokens,
                            "backend": backend, "dense_tflops": flops / d / 1e12, "sparse_tflops": flops / s / 1e12,
@@ -79,7 +79,7 @@ def bench_semi_structured(tokens: int = 16 * 1024) -> list[dict]:
                         try:
                             compressed, xt = torch._cslt_compress(dense_w), x.t()
                             alg = torch._cslt_sparse_mm_search(compressed, xt)
-                            raw_s = cuda_time_s(lambda: torch._cslt_sparse_mm(compressed, xt, alg_id=alg))
+                            raw_s = cuda_time_s(lambda c=compressed, t=xt, a=alg: torch._cslt_sparse_mm(c, t, alg_id=a))
                             row.update(raw_cslt_alg_id=alg, raw_cslt_tflops=flops / raw_s / 1e12,
                                        raw_cslt_speedup=d / raw_s)
                         except Exception as exc:
@@ -122,7 +122,7 @@ class GPT(nn.Module):
         return self.head(self.ln(self.blocks(x)))
 
 
-def corpus(seq: int):
+def corpus():
     """Bytes of this Python's standard-library sources: real text on any machine, offline; 95% / 5% split."""
     files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))
     data = b"".join(open(f, "rb").read() for f in files)[:12_000_000]
@@ -140,7 +140,7 @@ def batches(tokens, batch: int, seq: int, gen):
 
 
 @torch.no_grad()
-def evaluate(model, val, seq: int, n_windows: int = 256, batch: int = 32, cast=None) -> dict:
+def evaluate(model, val, seq: int, n_windows: int = 256, batch: int = 32) -> dict:
     model.eval()
     starts = torch.arange(0, n_windows * seq, seq, device="cuda")
     loss = correct = count = 0.0
@@ -164,7 +164,7 @@ def train(model, train_tokens, steps: int, seq: int, batch: int = 32, teacher=No
         return F.cross_entropy(out.flatten(0, 1).float(), y.flatten())
 
     loss_fn = distillation_loss(teacher, task, temperature, alpha) if teacher is not None else \
-        (lambda out, y, x: task(out, y))
+        (lambda out, y, _x: task(out, y))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 50) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / steps))))
@@ -200,7 +200,7 @@ def bench_gpt(steps: int, seq: int = 256, compile_int8: bool = False) -> dict:
     import copy
 
     torch.manual_seed(0)
-    train_tokens, val = corpus(seq)
+    train_tokens, val = corpus()
     out: dict = {"seq": seq, "steps": steps, "corpus_tokens": len(train_tokens) + len(val)}
     teacher = GPT(6, 768, 12, seq).cuda()
     out["teacher_params"] = sum(p.numel() for p in teacher.parameters())

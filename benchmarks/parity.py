@@ -65,7 +65,7 @@ def gpu_configs(registry: Registry) -> list[Config]:
     ]
 
 
-def quick_configs(registry: Registry) -> list[Config]:
+def quick_configs() -> list[Config]:
     """Tiny sizes that run in seconds on a CPU (a smoke test of the script, not a measurement)."""
     return [
         Config("seed-cnn-b16", "seed-cnn", {"synthetic_samples": 256, "synthetic_test_samples": 64}, 16, "fp32",
@@ -99,9 +99,8 @@ def run_harness(cfg: Config, registry: Registry, device: str, seed: int) -> floa
 def run_hand_written(cfg: Config, registry: Registry, device: str, seed: int) -> float:
     """The minimal loop a PyTorch user would write for the same model, data and optimizer."""
     dev = torch.device(device)
-    params = registry.validate_workload("workload", cfg.workload, cfg.params)
     torch.manual_seed(seed)
-    wl = registry.workloads[cfg.workload].build(device=dev, seed=seed, **params)
+    wl = registry.build_workload(harness_spec(cfg, registry, device, seed), dev)  # as the harness builds it
     model = wl.model.to(dev)
     train = wl.train.to(dev)
     adamw = registry.technique("optimizer", "optimizer", "adamw").defaults()
@@ -213,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "auto":
         device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     registry = get_registry()
-    configs = quick_configs(registry) if args.quick else gpu_configs(registry)
+    configs = quick_configs() if args.quick else gpu_configs(registry)
     if args.only:
         unknown = sorted(set(args.only) - {c.label for c in configs})
         if unknown:

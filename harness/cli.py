@@ -10,16 +10,26 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from harness.errors import SpecError
+from harness.studyfile import DEFAULT_STORAGE
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from harness.config import TrialSpec
+    from harness.launch import LaunchOptions
+    from harness.plugins import Registry
+    from harness.trial import TrialResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse would print the usage block too)
         raise SpecError(f"{self.prog}: {message}")
 
 
@@ -36,7 +46,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), parsed
 
 
-def apply_overrides(data: dict, args) -> dict:
+def apply_overrides(data: Mapping[str, Any] | None, args: argparse.Namespace) -> dict[str, Any]:
     """Fold the command-line flags into a trial mapping (flags win over the file)."""
     from harness.space import AXES
 
@@ -109,17 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--check", action="store_true",
                          help="also run the conformance check (harness.testing.check_plugin) on every plugin")
 
-    try:
-        from harness import study as study_mod
-    except ImportError:
-        study_mod = None
-    if study_mod is not None and hasattr(study_mod, "add_cli"):
-        study_mod.add_cli(sub)
+    study = sub.add_parser("study", help="search technique combinations (an Optuna study) from a study file")
+    study.add_argument("file", help="study YAML file (studies/quickstart.yaml)")
+    study.add_argument("--n-trials", type=int, help="override n_trials")
+    study.add_argument("--timeout", type=float, help="override timeout_s (seconds before no new trial starts)")
+    study.add_argument("--storage", help=f"override the Optuna storage URL (default {DEFAULT_STORAGE})")
+    study.add_argument("--output-dir", help="override output_dir (plots, trials.csv, pareto.json)")
+
+    report = sub.add_parser("report", help="re-print the Pareto table of a study from its storage")
+    report.add_argument("study", help="study name")
+    report.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
+    report.add_argument("--output-dir", help="also (re)write trials.csv, pareto.json and the plots here")
     return parser
 
 
 # ------------------------------------------------------------------------------------------------ run
-def cmd_run(args, registry) -> int:
+def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
     from harness.config import load_yaml, trial_from_mapping
     from harness.launch import LaunchOptions
 
@@ -141,7 +156,7 @@ def cmd_run(args, registry) -> int:
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
-def run_with_progress(spec, options):
+def run_with_progress(spec: TrialSpec, options: LaunchOptions) -> TrialResult:
     """Launch the trial in its own process and show a progress bar fed by its event stream."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -152,47 +167,36 @@ def run_with_progress(spec, options):
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False) as progress:
         task = progress.add_task(spec.label(), total=None, info="starting")
 
-        def on_event(event):
+        def on_event(event: dict[str, Any]) -> None:
             kind = event.get("event")
             if kind == "start":
                 progress.update(task, total=event.get("total_steps") or None, info="compiling / warming up")
             elif kind in ("progress", "window"):
-                info = ""
+                progress.update(task, completed=event["step"])
                 if kind == "window":
                     m = event["metrics"]
-                    info = f"loss {m['train_loss']:.4g}  {m['throughput_samples_per_s']:,.0f} samples/s"
-                progress.update(task, completed=event["step"], **({"info": info} if info else {}))
+                    progress.update(task, info=f"loss {m['train_loss']:.4g}  {m['throughput_samples_per_s']:,.0f} "
+                                    "samples/s")
             elif kind == "eval":
                 progress.update(task, info=f"accuracy {event['metrics']['accuracy']:.4f}")
-            return None
 
         result = launch(spec, Path(tmp), options, on_event=on_event)
         progress.update(task, info=result.status)
     return result
 
 
-def format_metric(key: str, value: Any) -> str:
-    if isinstance(value, float):
-        if key.endswith("_bytes"):
-            return f"{value / 2**20:,.1f} MiB"
-        if abs(value) >= 1000:
-            return f"{value:,.0f}"
-        return f"{value:.4g}"
-    if isinstance(value, int) and key.endswith("_bytes"):
-        return f"{value / 2**20:,.1f} MiB"
-    return str(value)
-
-
-def print_result(spec, result) -> None:
+def print_result(spec: TrialSpec, result: TrialResult) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from harness.report import fmt
 
     console = Console()
     table = Table(title=f"trial: {spec.workload}  [{spec.label()}]  -> {result.status}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in sorted(result.metrics):
-        table.add_row(key, format_metric(key, result.metrics[key]))
+        table.add_row(key, fmt(key, result.metrics[key]))
     for key in ("device_name", "torch", "cuda", "date"):
         if key in result.conditions:
             table.add_row(key, result.conditions[key])
@@ -201,8 +205,70 @@ def print_result(spec, result) -> None:
         console.print(f"[red]{result.status}[/red]: {result.message}")
 
 
+# ------------------------------------------------------------------------------------------------ study, report
+def _wide_console() -> Console:
+    """The terminal's console; in logs and CI one wide enough for the Pareto table."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def cmd_study(args: argparse.Namespace, registry: Registry) -> int:
+    """``harness study FILE``: validate everything (file, plugins' sections, storage), then run the study.
+    Exits 1 when the baseline trial that relative constraints need failed."""
+    from harness.config import integer, positive
+    from harness.driver import StudyDriver
+    from harness.studyfile import StudyConfig
+
+    config = StudyConfig.from_yaml(args.file, registry)
+    if args.storage:
+        config.storage = args.storage
+    if args.output_dir:
+        config.output_dir = args.output_dir
+    n_trials = integer("--n-trials", args.n_trials) if args.n_trials is not None else None
+    timeout_s = positive("--timeout", args.timeout, " of seconds") if args.timeout is not None else None
+    driver = StudyDriver(config, registry, _wide_console(), n_trials=n_trials, timeout_s=timeout_s)
+    driver.open()
+    driver.run()
+    return EXIT_FAILED if config.needs_baseline and driver.baseline is None else EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace, registry: Registry) -> int:
+    """``harness report STUDY``: re-print the Pareto table of a study from its storage alone (the objectives
+    are stored on the study), and with ``--output-dir`` rewrite its files."""
+    import optuna
+
+    from harness import report
+    from harness.outcomes import Objective, TrialRecord, pareto_front
+    from harness.space import did_you_mean
+    from harness.storage import open_storage
+
+    if args.storage.startswith("sqlite:///") and not Path(args.storage[len("sqlite:///"):]).is_file():
+        raise SpecError(f"--storage: {args.storage!r}: no such database file")
+    storage = open_storage(args.storage)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = [s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
+    if args.study not in names:
+        raise SpecError(f"study: no study {args.study!r} in {args.storage} (studies: {', '.join(names) or 'none'})"
+                        f"{did_you_mean(args.study, names)}")
+    study = optuna.load_study(study_name=args.study, storage=storage)
+    # a study the driver did not create has no stored objectives: show it by throughput
+    objectives = report.objectives_of(study) or [Objective.of(registry.metric("objectives", "throughput"))]
+    records = report.records_from_study(study)
+    pareto = pareto_front(records, objectives)
+    stored = study.user_attrs.get("baseline")
+    baseline = TrialRecord.from_dict(stored) if stored else None
+    console = _wide_console()
+    report.print_table(console, study, records, pareto, baseline=baseline, objectives=objectives)
+    if args.output_dir:
+        written = report.write_outputs(study, records, pareto, objectives, Path(args.output_dir), baseline=baseline)
+        console.print(f"wrote {', '.join(p.name for p in written)} to {args.output_dir}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ plugins
-def plugin_listing(registry) -> list[dict[str, Any]]:
+def plugin_listing(registry: Registry) -> list[dict[str, Any]]:
     """One JSON-able entry per plugin: name, module, distribution, version, what it adds, its hooks, its error."""
     out = []
     for name, rec in sorted(registry.records.items()):
@@ -216,7 +282,7 @@ def plugin_listing(registry) -> list[dict[str, Any]]:
     return out
 
 
-def cmd_plugins(args, registry) -> int:
+def cmd_plugins(args: argparse.Namespace, registry: Registry) -> int:
     """``harness plugins``: every plugin with its distribution and version, the techniques and workloads it
     adds and the hooks it implements. A plugin that failed to load is listed with its error (exit 0 all the
     same: the others work). ``--check`` adds the conformance check and exits 1 when a plugin fails it."""
@@ -226,10 +292,10 @@ def cmd_plugins(args, registry) -> int:
     listing = plugin_listing(registry)
     check = getattr(args, "check", False)
     if check:
-        from harness.testing import check_plugin
+        from harness.testing.conformance import check_plugin
 
         for entry in listing:
-            plugin = registry.pm.get_plugin(entry["name"])
+            plugin = registry.plugin(entry["name"])
             entry["problems"] = check_plugin(plugin, raises=False) if plugin is not None else []
     failed = any(entry.get("problems") for entry in listing)
     if getattr(args, "json", False):
@@ -263,7 +329,7 @@ def cmd_plugins(args, registry) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -273,7 +339,7 @@ def main(argv=None) -> int:
         from harness.plugins import get_registry
 
         registry = get_registry(disable=args.disable)
-        handler = {"run": cmd_run, "plugins": cmd_plugins}.get(args.command) or args.handler
+        handler = {"run": cmd_run, "plugins": cmd_plugins, "study": cmd_study, "report": cmd_report}[args.command]
         # Trial processes load their own plugins: --disable reaches them through HARNESS_DISABLE_PLUGINS.
         previous = os.environ.get("HARNESS_DISABLE_PLUGINS")
         if args.disable:

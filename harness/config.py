@@ -8,22 +8,37 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import SpecError
 from harness.space import AXES, did_you_mean
 
-DEFAULT_TECHNIQUES = {"optimizer": "adamw", "precision": "fp32", "compile": "eager", "parallelism": "single",
-                      "compression": "none"}
+if TYPE_CHECKING:
+    from harness.plugins import Registry
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A top-level study-file section that a plugin reads (``mlflow:``), declared with
+    ``harness_declare_study_settings``. ``validate(where, value)`` returns the value to keep or raises
+    :class:`harness.errors.SpecError` naming the field; it runs before any storage is opened."""
+
+    key: str
+    validate: Callable[[str, Any], Any]
+    help: str = ""
+    #: filled in by the plugin manager: the plugin that declared it.
+    plugin: str = ""
 
 
 @dataclass
 class Choice:
-    """The technique picked on one axis and its parameter values (defaults filled in)."""
+    """The technique picked on one axis and its parameter values (defaults filled in). An empty ``name`` means
+    "not chosen yet": :func:`fill_defaults` puts the axis's declared default technique there."""
 
-    name: str
+    name: str = ""
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -49,15 +64,19 @@ class Budget:
 @dataclass
 class TrialSpec:
     """Everything that defines one trial. ``batch_size`` is the *global* batch: with N processes each takes
-    ``batch_size / N`` per step, so trials compare at equal global batch whatever their process count."""
+    ``batch_size / N`` per step, so trials compare at equal global batch whatever their process count.
 
-    workload: str = "digits"
+    The core names no technique or workload, so ``TrialSpec()`` leaves the workload (``""``) and every axis
+    (``Choice("")``) unchosen; :func:`fill_defaults` (which :func:`trial_from_mapping` and the study-file parser
+    use) fills them with the defaults the loaded plugins declare."""
+
+    workload: str = ""
     workload_params: dict[str, Any] = field(default_factory=dict)
-    optimizer: Choice = field(default_factory=lambda: Choice("adamw"))
-    precision: Choice = field(default_factory=lambda: Choice("fp32"))
-    compile: Choice = field(default_factory=lambda: Choice("eager"))
-    parallelism: Choice = field(default_factory=lambda: Choice("single"))
-    compression: Choice = field(default_factory=lambda: Choice("none"))
+    optimizer: Choice = field(default_factory=Choice)
+    precision: Choice = field(default_factory=Choice)
+    compile: Choice = field(default_factory=Choice)
+    parallelism: Choice = field(default_factory=Choice)
+    compression: Choice = field(default_factory=Choice)
     batch_size: int = 64
     budget: Budget = field(default_factory=Budget)
     seed: int = 0
@@ -72,7 +91,7 @@ class TrialSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrialSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> TrialSpec:
         data = dict(data)
         for axis in AXES:
             if axis in data and isinstance(data[axis], Mapping):
@@ -109,6 +128,7 @@ class TrialSpec:
 TRIAL_KEYS = ("workload", "optimizer", "precision", "compile", "parallelism", "compression", "batch_size",
               "budget", "seed", "devices", "device")
 BUDGET_KEYS = tuple(f.name for f in dataclasses.fields(Budget))
+DEVICES = ("auto", "cuda", "cpu")
 
 
 def load_yaml(path: str | Path) -> Any:
@@ -127,14 +147,31 @@ def load_yaml(path: str | Path) -> Any:
         raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
 
 
-def check_keys(where: str, data: Mapping, allowed) -> None:
+def check_keys(where: str, data: Mapping[str, Any], allowed: Collection[str]) -> None:
     for key in data:
         if key not in allowed:
             raise SpecError(f"{where}: unknown key {key!r} (allowed: {', '.join(allowed)}){did_you_mean(key, allowed)}")
 
 
-def parse_choice(where: str, value: Any) -> tuple[str, dict]:
-    """A technique is written as ``name`` or ``{name: ..., <param>: value, ...}``."""
+def integer(where: str, value: Any, minimum: int | None = 1, what: str = "") -> int:
+    """``value`` when it is an integer >= ``minimum`` (any integer when None), else a SpecError naming ``where``.
+    The trial and study parsers check every count (batch size, processes, steps, trials) through here."""
+    kind = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer >= {minimum}")
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise SpecError(f"{where}: expected {kind}{what}, got {value!r}")
+    return value
+
+
+def positive(where: str, value: Any, what: str = "") -> float:
+    """``value`` as a float when it is a number > 0, else a SpecError naming ``where`` (``what``: the unit)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise SpecError(f"{where}: expected a positive number{what}, got {value!r}")
+    return float(value)
+
+
+def parse_choice(where: str, value: Any) -> tuple[str, dict[str, Any]]:
+    """A technique (or workload) is written as ``name`` or ``{name: ..., <param>: value, ...}``."""
     if isinstance(value, str):
         return value, {}
     if isinstance(value, Mapping) and isinstance(value.get("name"), str):
@@ -151,15 +188,13 @@ def parse_budget(where: str, data: Any) -> Budget:
     if not isinstance(data, Mapping):
         raise SpecError(f"{where}: expected a mapping with one of steps, epochs, seconds; got {data!r}")
     check_keys(where, data, BUDGET_KEYS)
-    budget = Budget(**{k: v for k, v in data.items()})
+    budget = Budget(**dict(data))
     for key in ("steps", "warmup_steps", "windows", "eval_every_steps", "eval_samples"):
-        value = getattr(budget, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise SpecError(f"{where}.{key}: expected a non-negative integer, got {value!r}")
+        if getattr(budget, key) is not None:
+            integer(f"{where}.{key}", getattr(budget, key), minimum=0)
     for key in ("epochs", "seconds"):
-        value = getattr(budget, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise SpecError(f"{where}.{key}: expected a positive number, got {value!r}")
+        if getattr(budget, key) is not None:
+            positive(f"{where}.{key}", getattr(budget, key))
     given = [k for k in ("steps", "epochs", "seconds") if getattr(budget, k) is not None]
     if not given:
         raise SpecError(f"{where}: give one of steps, epochs, seconds")
@@ -172,47 +207,50 @@ def parse_budget(where: str, data: Any) -> Budget:
     return budget
 
 
-def parse_common(where: str, data: Mapping, spec: TrialSpec) -> None:
+def parse_common(where: str, data: Mapping[str, Any], spec: TrialSpec) -> None:
     """Fill the non-technique fields of ``spec`` from a trial or study mapping."""
     if "batch_size" in data:
-        bs = data["batch_size"]
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-            raise SpecError(f"{where}.batch_size: expected a positive integer, got {bs!r}")
-        spec.batch_size = bs
+        spec.batch_size = integer(f"{where}.batch_size", data["batch_size"])
     if "seed" in data:
-        if isinstance(data["seed"], bool) or not isinstance(data["seed"], int):
-            raise SpecError(f"{where}.seed: expected an integer, got {data['seed']!r}")
-        spec.seed = data["seed"]
+        spec.seed = integer(f"{where}.seed", data["seed"], minimum=None)
     if "devices" in data:
-        n = data["devices"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise SpecError(f"{where}.devices: expected a positive integer, got {n!r}")
-        spec.devices = n
+        spec.devices = integer(f"{where}.devices", data["devices"])
     if "device" in data:
-        if data["device"] not in ("auto", "cuda", "cpu"):
-            raise SpecError(f"{where}.device: {data['device']!r} is not allowed (allowed: auto, cuda, cpu)")
+        if data["device"] not in DEVICES:
+            raise SpecError(f"{where}.device: {data['device']!r} is not allowed (allowed: {', '.join(DEVICES)})")
         spec.device = data["device"]
     if "budget" in data:
         spec.budget = parse_budget(f"{where}.budget", data["budget"])
 
 
-def parse_workload(where: str, value: Any) -> tuple[str, dict]:
-    """A workload is ``name``, ``module:function`` or ``{name: ..., <param>: value}``."""
-    return parse_choice(where, value)
+def fill_defaults(spec: TrialSpec, registry: Registry) -> TrialSpec:
+    """Put the loaded plugins' declared defaults where ``spec`` leaves the workload or an axis unchosen
+    (``""``), with the defaults of their parameters; returns ``spec``."""
+    if not spec.workload:
+        spec.workload = registry.default_workload()
+        spec.workload_params = registry.validate_workload("workload", spec.workload, spec.workload_params)
+    for axis in AXES:
+        if not getattr(spec, axis).name:
+            tech = registry.default_technique(axis)
+            setattr(spec, axis, Choice(tech.name, tech.validate_params(axis, getattr(spec, axis).params)))
+    return spec
 
 
-def trial_from_mapping(where: str, data: Any, registry) -> TrialSpec:
-    """Build and validate a TrialSpec from a trial file's mapping against the registered plugins."""
+def trial_from_mapping(where: str, data: Any, registry: Registry) -> TrialSpec:
+    """Build and validate a TrialSpec from a trial file's mapping against the registered plugins; a workload or
+    axis the mapping leaves out gets the declared default."""
     if not isinstance(data, Mapping):
         raise SpecError(f"{where}: expected a mapping of trial fields, got {type(data).__name__}")
     check_keys(where, data, TRIAL_KEYS)
     spec = TrialSpec(budget=Budget(steps=200))
     parse_common(where, data, spec)
-    name, wparams = parse_workload(f"{where}.workload", data.get("workload", "digits"))
-    spec.workload = name
-    spec.workload_params = registry.validate_workload(f"{where}.workload", name, wparams)
+    if "workload" in data:
+        name, wparams = parse_choice(f"{where}.workload", data["workload"])
+        spec.workload = name
+        spec.workload_params = registry.validate_workload(f"{where}.workload", name, wparams)
     for axis in AXES:
-        tname, params = parse_choice(f"{where}.{axis}", data.get(axis, DEFAULT_TECHNIQUES[axis]))
-        tech = registry.technique(f"{where}.{axis}", axis, tname)
-        setattr(spec, axis, Choice(tname, tech.validate_params(f"{where}.{axis}", params)))
-    return spec
+        if axis in data:
+            tname, params = parse_choice(f"{where}.{axis}", data[axis])
+            tech = registry.technique(f"{where}.{axis}", axis, tname)
+            setattr(spec, axis, Choice(tname, tech.validate_params(f"{where}.{axis}", params)))
+    return fill_defaults(spec, registry)

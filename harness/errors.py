@@ -1,8 +1,11 @@
 """Errors the harness raises on purpose, and the failure classes a trial can end in."""
 from __future__ import annotations
 
-#: How a trial can fail (DESIGN.md); recorded on the Optuna trial and the MLflow run.
-FAILURE_CLASSES = ("infeasible", "oom", "diverged", "timeout", "crashed", "plugin-error", "compile-error", "pruned")
+#: How a trial can end other than ``ok`` (docs/architecture.md); recorded on the Optuna trial and the MLflow run.
+#: The worker reports the first eight; the study driver adds ``screened`` (dominated at screening) and
+#: ``missing-metric`` (an objective was not measured).
+FAILURE_CLASSES = ("infeasible", "oom", "diverged", "timeout", "crashed", "plugin-error", "compile-error", "pruned",
+                   "screened", "missing-metric")
 
 
 class SpecError(ValueError):

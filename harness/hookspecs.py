@@ -1,244 +1,485 @@
 """The plugin authors' contract: every hook the harness calls, when, with what, and what a return value means.
 
-Implement hooks with ``@harness.hookimpl`` in a module registered under the ``harness.plugins`` entry-point
-group. An implementation may accept any subset of a hook's arguments (pluggy passes them by name).
+Implement hooks with ``@harness.hookimpl`` in a module (or a class, instantiated once per process) registered
+under the ``harness.plugins`` entry-point group. An implementation may accept any subset of a hook's arguments
+(pluggy passes them by name).
 
-Order inside a trial's worker process (DESIGN.md, "Data flow of one trial")::
+Which plugins are called (dispatch by declaration; no implementation checks ``spec.<axis>.name`` itself):
 
-    harness_build_workload -> harness_compress_before_training -> harness_setup_precision
-    -> harness_build_optimizer -> harness_build_engine -> harness_build_lr_scheduler -> harness_build_loss
-    -> harness_compile_step -> harness_trial_start -> (train; harness_trial_window at every timing window,
-    harness_trial_evaluated at every evaluation) -> harness_compress_after_training -> harness_measure_model
-    -> harness_trial_end
+- **declarations** (``harness_declare_*``): every plugin, once, when plugins load.
+- **technique hooks** (marked ``axis``): only the plugin that declared the technique the trial selected on that
+  axis. ``harness_build_optimizer`` of a plugin declaring ``adamw`` runs only in trials whose optimizer is
+  ``adamw``. They are *firstresult*: the first non-None result wins.
+- **trial hooks**: the plugins *taking part* in the trial: those that declared one of its techniques (any
+  axis) or its workload, and the observer plugins that declare neither (trackers, telemetry), which see
+  every trial.
+- **study hooks**: every plugin.
 
-Hooks marked *firstresult* stop at the first implementation returning something other than None; by
-convention an implementation returns None unless the trial selected *its* technique (``spec.<axis>.name``).
+The lifecycle, written once (``docs/architecture.md`` quotes this block; a test holds the two equal)::
+
+    driver (harness study)                      # one process per host; many may share one storage
+      harness_study_start(study, config)
+      for each trial Optuna asks for:
+        spec = the sampled TrialSpec
+        infeasible? declared requirements + harness_check_combination(spec, env, workload_kinds)
+        already run (same spec hash)? reuse that outcome
+        otherwise:
+          tags = harness_trial_launch(spec, trial_number, study)   # merged into spec.tags
+          launch the worker (its own process group) and wait for its result
+        tell Optuna the outcome
+        harness_trial_finished(spec, record, study)                # infeasible and reused trials too
+      print and write the report
+      harness_study_end(study, config, records, pareto, output_dir)
+
+    worker (python -m harness.worker, one per rank)
+      harness_check_combination(spec, env, workload_kinds)
+      workload = the declared builder of spec.workload
+      model = harness_compress_before_training(model, workload, spec, device)   # compression axis
+      precision = harness_setup_precision(model, spec, device)                  # precision axis
+      optimizer = harness_build_optimizer(params, spec, device)                 # optimizer axis
+      engine = harness_build_engine(model, optimizer, precision, spec, device, dist)   # parallelism axis
+      scheduler = harness_build_lr_scheduler(optimizer, spec, total_steps)      # optimizer axis
+      loss = harness_build_loss(model, workload, spec, device)                  # compression axis
+      step = harness_compile_step(step, spec, device)                           # compile axis
+      harness_trial_start(trial)
+      train: at every timing window (never per step)
+          metrics += harness_measure_window(trial, step, phase)
+          harness_trial_window(trial, step, metrics)
+        at every intermediate evaluation: harness_trial_evaluated(trial, step, metrics)
+      evaluate the trained model: harness_trial_evaluated(trial, step, metrics)
+      compressed = harness_compress_after_training(model, trainer, workload, spec, device)   # compression axis
+      if compressed: evaluate it: harness_trial_evaluated(trial, step, metrics)
+      metrics += harness_measure_model(model, workload, spec, device)           # rank 0
+      metrics += harness_measure_trial(trial, status)                           # rank 0; failed trials too
+      harness_trial_end(trial, result)                                          # rank 0; failed trials too
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
 import pluggy
+
+if TYPE_CHECKING:
+    import optuna
+    import torch
+
+    from harness.config import Setting, TrialSpec
+    from harness.measure import Metric
+    from harness.outcomes import TrialRecord
+    from harness.space import Environment, Technique
+    from harness.step import DistInfo, Engine, Precision, TrainStep
+    from harness.studyfile import StudyConfig
+    from harness.trial import Trial, TrialResult
+    from harness.workload import Workload, WorkloadInfo
 
 hookspec = pluggy.HookspecMarker("harness")
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 
-# ============================================================================ declarations (any process)
+#: what a hook implementation's ``loss`` returns: ``loss(outputs, targets, inputs) -> scalar tensor``.
+LossFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+
+
+def technique_hook(axis: str) -> Callable[[_F], _F]:
+    """Mark a hook as belonging to ``axis``: it is called only on the plugin that declared the trial's selected
+    technique on that axis, and the first non-None result wins."""
+
+    def mark(func: _F) -> _F:
+        func.harness_axis = axis  # type: ignore[attr-defined]
+        return hookspec(firstresult=True)(func)
+
+    return mark
+
+
+def axis_of(hook_name: str) -> str | None:
+    """The axis a technique hook belongs to, or None for a declaration, trial or study hook."""
+    func = globals().get(hook_name)
+    return getattr(func, "harness_axis", None)
+
+
+#: the hooks called on every plugin; the other hooks are axis-bound (:func:`axis_of`) or trial hooks.
+STUDY_HOOKS = ("harness_study_start", "harness_study_end")
+DECLARATION_HOOKS = ("harness_declare_techniques", "harness_declare_workloads", "harness_declare_metrics",
+                     "harness_declare_study_settings")
+
+
+# ============================================================================ declarations (every plugin)
 @hookspec
-def harness_declare_techniques():
+def harness_declare_techniques() -> list[Technique]:
     """Declare the techniques this plugin provides.
 
-    Called once when the plugin manager loads plugins, in the study driver and in every worker.
+    Called once on every plugin when the plugin manager loads plugins, in the study driver and in every worker.
+    A technique declared with ``default=True`` is its axis's default (what a trial or study that leaves the axis
+    out runs); the plugin that declares it cannot be disabled.
 
     :returns: a list of :class:`harness.space.Technique`: axis, name, search space (``Float``/``Int``/
-        ``Categorical``), requirements (CUDA, compute capability, process count, packages, workload kinds) and
-        incompatibilities (``"axis:name"``). A technique name is unique per axis across all plugins.
+        ``Categorical``), requirements (CUDA, compute capability, process count, packages, workload kinds),
+        incompatibilities (``"axis:name"``) and ``default``. A technique name is unique per axis across all
+        plugins; a second declaration of it is an error that disables the second plugin.
     """
+    raise NotImplementedError
 
 
 @hookspec
-def harness_declare_workloads():
+def harness_declare_workloads() -> list[WorkloadInfo]:
     """Declare the workloads this plugin provides.
 
-    Called once when plugins are loaded.
+    Called once on every plugin when plugins load. The harness builds a trial's workload by calling the
+    declared ``build(device=..., seed=..., **params)`` of the workload the trial names.
 
-    :returns: a list of :class:`harness.workload.WorkloadInfo` (name, parameters, kinds, builder).
+    :returns: a list of :class:`harness.workload.WorkloadInfo` (name, parameters, kinds, builder, ``default``).
     """
+    raise NotImplementedError
 
 
 @hookspec
-def harness_check_combination(spec, env, workload_kinds):
+def harness_declare_metrics() -> list[Metric]:
+    """Declare the metrics this plugin adds to trial results, so study files can name them as objectives or
+    constraints (the core's own are in :data:`harness.measure.CORE_METRICS`).
+
+    Called once on every plugin when plugins load.
+
+    :returns: a list of :class:`harness.measure.Metric` (study-file name, result key, unit, direction).
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def harness_declare_study_settings() -> list[Setting]:
+    """Declare a top-level section of study files that this plugin reads (``mlflow:`` for the tracker).
+
+    Called once on every plugin when plugins load. The study-file parser accepts the section only when a
+    loaded plugin declares it and runs the declared ``validate`` on its value before any storage is opened.
+
+    :returns: a list of :class:`harness.config.Setting` (key, validate, help).
+    """
+    raise NotImplementedError
+
+
+# ============================================================================ feasibility (driver and worker)
+@hookspec
+def harness_check_combination(spec: TrialSpec, env: Environment, workload_kinds: tuple[str, ...]) -> str | None:
     """Veto a combination that declarations cannot express, *before* anything is launched.
 
-    Called for every candidate trial after the declared requirements and incompatibilities passed.
+    Called on the plugins taking part in the trial, for every candidate trial after the declared requirements
+    and incompatibilities passed: in the driver before launch, and first thing in the worker.
 
-    :param spec: the :class:`harness.config.TrialSpec`.
+    :param spec: the :class:`harness.config.TrialSpec` of the candidate trial.
     :param env: the :class:`harness.space.Environment` (CUDA, device count, compute capability).
     :param workload_kinds: the kinds of ``spec.workload`` (e.g. ``("conv", "image")``).
     :returns: a one-sentence reason the trial is infeasible, or None. Every implementation is called; the
         first reason is reported.
     """
+    raise NotImplementedError
 
 
-# ============================================================================ building a trial (worker)
-@hookspec(firstresult=True)
-def harness_build_workload(spec, device, params):
-    """Build the workload named by ``spec.workload`` for one trial.
-
-    Called first in the worker. The built-in implementation looks the name up among the declared workloads and
-    resolves ``module:function`` names; a plugin only needs to declare its workloads.
-
-    :param device: the ``torch.device`` the trial runs on.
-    :param params: the validated workload parameters.
-    :returns: a :class:`harness.workload.Workload` (data may stay on the CPU: the runner moves it).
-    """
-
-
-@hookspec(firstresult=True)
-def harness_compress_before_training(model, workload, spec, device):
+# ============================================================================ building a trial (worker, axis-bound)
+@technique_hook("compression")
+def harness_compress_before_training(model: torch.nn.Module, workload: Workload, spec: TrialSpec,
+                                     device: torch.device) -> torch.nn.Module | None:
     """Compress the model before training (pruning at initialisation, fake-quant insertion for QAT, or
     replacing it by a distillation student).
 
-    Called after the workload is built, before precision setup.
+    Called after the workload is built, before precision setup, on the plugin of the trial's compression
+    technique.
 
+    :param model: the workload's model, on ``device``.
+    :param workload: the built :class:`harness.workload.Workload`.
+    :param spec: the TrialSpec; ``spec.compression.params`` holds the sampled values.
+    :param device: the ``torch.device`` the trial runs on.
     :returns: the model to train, or None to keep ``model``.
     """
+    raise NotImplementedError
 
 
-@hookspec(firstresult=True)
-def harness_setup_precision(model, spec, device):
-    """Set up the trial's numeric precision (``spec.precision``).
+@technique_hook("precision")
+def harness_setup_precision(model: torch.nn.Module, spec: TrialSpec, device: torch.device) -> Precision:
+    """Set up the trial's numeric precision.
 
-    Called after compression-before-training, before the optimizer is built, so a precision that converts
-    the model (fp8 layers) does so before the optimizer sees the parameters.
+    Called after compression-before-training and before the optimizer is built, on the plugin of the trial's
+    precision technique, so a precision that converts the model (fp8 layers) does so before the optimizer
+    sees the parameters.
 
+    :param model: the model to train, on ``device``.
+    :param spec: the TrialSpec; ``spec.precision.params`` holds the sampled values.
+    :param device: the ``torch.device`` the trial runs on.
     :returns: a :class:`harness.step.Precision` (autocast factory, gradient scaler, compute dtype, and a
         replacement model when the precision converts it).
     """
+    raise NotImplementedError
 
 
-@hookspec(firstresult=True)
-def harness_build_optimizer(params, spec, device):
-    """Return the optimizer for the trial's optimizer technique (``spec.optimizer``).
+@technique_hook("optimizer")
+def harness_build_optimizer(params: list[torch.nn.Parameter], spec: TrialSpec,
+                            device: torch.device) -> torch.optim.Optimizer:
+    """Return the optimizer for the trial's optimizer technique.
 
-    Called once per trial, after precision setup and before the parallelism engine is built.
+    Called once per trial, after precision setup and before the parallelism engine is built, on the plugin of
+    the trial's optimizer technique.
 
-    :param params: the parameters to optimise (a list of tensors).
+    :param params: the parameters to optimise (the model's parameters that require gradients).
     :param spec: the TrialSpec; ``spec.optimizer.params`` holds the sampled values.
+    :param device: the ``torch.device`` the trial runs on (fused kernels exist per device type).
     :returns: a ``torch.optim.Optimizer``.
     """
+    raise NotImplementedError
 
 
-@hookspec(firstresult=True)
-def harness_build_engine(model, optimizer, precision, spec, device, dist):
-    """Build the parallelism engine for ``spec.parallelism``: what wraps the model and performs backward
-    and optimizer steps.
+@technique_hook("parallelism")
+def harness_build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
+                         spec: TrialSpec, device: torch.device, dist: DistInfo) -> Engine:
+    """Build the parallelism engine: what wraps the model and performs backward and optimizer steps.
 
-    Called after the optimizer is built (the learning-rate schedule comes after it). ``dist`` is a
-    :class:`harness.step.DistInfo` (rank, world size, backend); the process group is already initialised when
-    ``dist.world > 1``.
+    Called after the optimizer is built (the learning-rate schedule comes after it), on the plugin of the
+    trial's parallelism technique. The process group is already initialised when ``dist.world > 1``.
 
+    :param model: the model to train (possibly converted by the precision), on ``device``.
+    :param optimizer: the optimizer built by the optimizer technique; an engine may rebuild it over sharded
+        parameters (expose the one it steps as :attr:`harness.step.Engine.schedule_optimizer`).
+    :param precision: the :class:`harness.step.Precision` set up by the precision technique.
+    :param spec: the TrialSpec; ``spec.parallelism.params`` holds the sampled values.
+    :param device: the ``torch.device`` of this rank.
+    :param dist: the :class:`harness.step.DistInfo` (rank, world size, local rank, backend).
     :returns: a :class:`harness.step.Engine` (or subclass).
     """
+    raise NotImplementedError
 
 
-@hookspec(firstresult=True)
-def harness_build_lr_scheduler(optimizer, spec, total_steps):
+@technique_hook("optimizer")
+def harness_build_lr_scheduler(optimizer: torch.optim.Optimizer, spec: TrialSpec,
+                               total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
     """Return a learning-rate scheduler stepped once per optimizer step, or None for a constant rate.
 
-    Called right after :func:`harness_build_engine`, with the torch optimizer the engine steps
-    (:attr:`harness.step.Engine.schedule_optimizer`: the optimizer axis's own, or the one a parallelism engine
-    rebuilt or substituted for it).
+    Called right after :func:`harness_build_engine`, on the plugin of the trial's optimizer technique.
 
-    :param total_steps: the trial's planned number of optimizer steps (an estimate for a seconds budget).
+    :param optimizer: the torch optimizer the engine steps (:attr:`harness.step.Engine.schedule_optimizer`:
+        the optimizer axis's own, or the one a parallelism engine rebuilt or substituted for it).
+    :param spec: the TrialSpec; ``spec.optimizer.params`` holds the sampled values.
+    :param total_steps: the trial's planned number of optimizer steps (0 for a seconds budget).
+    :returns: a ``torch.optim.lr_scheduler.LRScheduler``, or None.
     """
+    raise NotImplementedError
 
 
-@hookspec(firstresult=True)
-def harness_build_loss(model, workload, spec, device):
-    """Return the training loss as ``loss(outputs, targets, inputs) -> scalar tensor``, or None for the
-    workload's own loss.
+@technique_hook("compression")
+def harness_build_loss(model: torch.nn.Module, workload: Workload, spec: TrialSpec,
+                       device: torch.device) -> LossFn | None:
+    """Return the training loss, or None for the workload's own loss.
 
-    Called once after the engine is built (not per step). Knowledge distillation returns a loss that also
-    runs the teacher on ``inputs``.
+    Called once after the engine is built (not per step), on the plugin of the trial's compression technique.
+    Knowledge distillation returns a loss that also runs the teacher on ``inputs``.
+
+    :param model: the model the engine trains (wrapped by the engine where it wraps it).
+    :param workload: the built :class:`harness.workload.Workload`.
+    :param spec: the TrialSpec; ``spec.compression.params`` holds the sampled values.
+    :param device: the ``torch.device`` of this rank.
+    :returns: ``loss(outputs, targets, inputs) -> scalar tensor``, or None.
     """
+    raise NotImplementedError
 
 
-@hookspec(firstresult=True)
-def harness_compile_step(step, spec, device):
-    """Apply the trial's compile technique (``spec.compile``) to the assembled train step.
+@technique_hook("compile")
+def harness_compile_step(step: TrainStep, spec: TrialSpec, device: torch.device) -> Callable[..., Any] | None:
+    """Apply the trial's compile technique to the assembled train step.
 
-    Called once, after the engine and loss exist and before training starts. ``step`` is a
-    :class:`harness.step.TrainStep`; an implementation may change its model (``step.engine.model``), add an
-    input transform, or return a new callable ``(inputs, targets) -> loss`` that replaces it (a captured
-    CUDA graph). The first call of the returned step may compile; the runner times it as ``compile_s``.
+    Called once, after the engine and loss exist and before training starts, on the plugin of the trial's
+    compile technique. An implementation may change the step's model (``step.engine.model``), add an input
+    transform, or return a new callable ``(inputs, targets) -> loss`` that replaces it (a captured CUDA graph).
+    The first call of the returned step may compile; the runner times it as ``compile_s``.
 
+    :param step: the :class:`harness.step.TrainStep` (engine, loss, precision, input transform).
+    :param spec: the TrialSpec; ``spec.compile.params`` holds the sampled values.
+    :param device: the ``torch.device`` of this rank.
     :returns: the train step to run, or None to run ``step`` unchanged.
     """
+    raise NotImplementedError
 
 
-@hookspec(firstresult=True)
-def harness_compress_after_training(model, trainer, workload, spec, device):
-    """Compress after training: post-training quantisation, or pruning followed by fine-tuning
-    (``trainer.train(steps)`` runs more optimizer steps of the same train step).
+@technique_hook("compression")
+def harness_compress_after_training(model: torch.nn.Module, trainer: Trial, workload: Workload, spec: TrialSpec,
+                                    device: torch.device) -> torch.nn.Module | None:
+    """Compress after training: post-training quantisation, or pruning followed by fine-tuning.
 
-    Called after the final evaluation of the trained model; when a model is returned it is evaluated again
-    and the first evaluation is reported as ``accuracy_uncompressed``.
+    Called after the final evaluation of the trained model, on the plugin of the trial's compression technique.
+    When a model is returned it is evaluated again and the first evaluation is reported as
+    ``accuracy_uncompressed``.
 
+    :param model: the trained model (unwrapped from the engine).
+    :param trainer: the running :class:`harness.trial.Trial`; ``trainer.train(steps)`` runs more optimizer
+        steps of the same train step (fine-tuning).
+    :param workload: the built :class:`harness.workload.Workload`.
+    :param spec: the TrialSpec; ``spec.compression.params`` holds the sampled values.
+    :param device: the ``torch.device`` of this rank.
     :returns: the compressed model (on which evaluation and measurements run), or None.
     """
+    raise NotImplementedError
 
 
+# ============================================================================ measuring (worker, trial hooks)
 @hookspec
-def harness_measure_model(model, workload, spec, device):
+def harness_measure_model(model: torch.nn.Module, workload: Workload, spec: TrialSpec,
+                          device: torch.device) -> dict[str, float] | None:
     """Add measurements of the final model (serialised size, non-zero parameters, inference latency...).
 
-    Called after compression-after-training, on rank 0 only.
+    Called on the plugins taking part in the trial, after compression-after-training, on rank 0 only.
 
+    :param model: the final model: the compressed one when compression returned one, else the trained one.
+    :param workload: the built :class:`harness.workload.Workload`.
+    :param spec: the TrialSpec.
+    :param device: the ``torch.device`` of rank 0.
     :returns: a dict of metric name -> number, merged into the trial's result; or None.
     """
+    raise NotImplementedError
 
 
-# ============================================================================ observers (worker)
 @hookspec
-def harness_trial_start(trial):
+def harness_measure_window(trial: Trial, step: int, phase: str) -> dict[str, float] | None:
+    """Add measurements of a timing window that just ended (device power, utilisation...).
+
+    Called on the plugins taking part in the trial, on every rank, at window boundaries only (never per step),
+    before :func:`harness_trial_window`, which receives the merged metrics.
+
+    :param trial: the running :class:`harness.trial.Trial`.
+    :param step: the number of optimizer steps done.
+    :param phase: ``warmup`` (the window after compilation) or ``timed``.
+    :returns: a dict of metric name -> number added to the window's metrics, or None.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def harness_measure_trial(trial: Trial, status: str) -> dict[str, float] | None:
+    """Add whole-trial measurements (energy per sample over the timed windows...).
+
+    Called on the plugins taking part in the trial, on rank 0, after every other measurement and before
+    :func:`harness_trial_end`; also for a failed trial.
+
+    :param trial: the finished :class:`harness.trial.Trial` (``trial.metrics`` holds the core's metrics).
+    :param status: ``ok`` or the failure class.
+    :returns: a dict of metric name -> number merged into the trial's result, or None.
+    """
+    raise NotImplementedError
+
+
+# ============================================================================ observers (worker, trial hooks)
+@hookspec
+def harness_trial_start(trial: Trial) -> None:
     """A trial's training is about to start.
+
+    Called on the plugins taking part in the trial, on every rank, after the train step is compiled.
 
     :param trial: the running :class:`harness.trial.Trial` (``spec``, ``model``, ``optimizer``, ``workload``,
         ``device``, ``dist``, ``conditions``).
+    :returns: nothing (the return value is ignored).
     """
+    raise NotImplementedError
 
 
 @hookspec
-def harness_trial_window(trial, step, metrics):
-    """A timing window ended. Called on every rank at window boundaries only (never per step).
+def harness_trial_window(trial: Trial, step: int, metrics: Mapping[str, Any]) -> None:
+    """A timing window ended.
 
+    Called on the plugins taking part in the trial, on every rank, at window boundaries only (never per step).
+
+    :param trial: the running :class:`harness.trial.Trial`.
     :param step: the number of optimizer steps done.
-    :param metrics: ``train_loss``, ``throughput_samples_per_s`` (windowed), ``lr``, ``phase`` (``warmup``
-        or ``timed``).
+    :param metrics: ``train_loss``, ``throughput_samples_per_s`` (windowed, timed windows only), ``lr``,
+        ``phase`` (``warmup`` or ``timed``) and what :func:`harness_measure_window` added. Read-only.
+    :returns: nothing (the return value is ignored).
     """
+    raise NotImplementedError
 
 
 @hookspec
-def harness_trial_evaluated(trial, step, metrics):
+def harness_trial_evaluated(trial: Trial, step: int, metrics: Mapping[str, Any]) -> None:
     """Held-out evaluation finished (intermediate or final).
 
-    :param metrics: ``accuracy`` and ``val_loss``.
+    Called on the plugins taking part in the trial, on every rank, after every evaluation.
+
+    :param trial: the running :class:`harness.trial.Trial`.
+    :param step: the number of optimizer steps done.
+    :param metrics: ``accuracy``, ``val_loss`` and ``eval_samples``. Read-only.
+    :returns: nothing (the return value is ignored).
     """
+    raise NotImplementedError
 
 
 @hookspec
-def harness_trial_end(trial, result):
-    """The trial finished (``result.status`` is ``ok`` or a failure class). Called in the worker, rank 0."""
+def harness_trial_end(trial: Trial, result: TrialResult) -> None:
+    """The trial finished.
+
+    Called on the plugins taking part in the trial, in the worker, on rank 0, after
+    :func:`harness_measure_trial`.
+
+    :param trial: the finished :class:`harness.trial.Trial`.
+    :param result: the :class:`harness.trial.TrialResult` (``status`` is ``ok`` or a failure class; its
+        ``metrics`` are final). Read-only.
+    :returns: nothing (the return value is ignored).
+    """
+    raise NotImplementedError
 
 
-# ============================================================================ observers (study driver)
+# ============================================================================ study driver
 @hookspec
-def harness_study_start(study, config):
+def harness_study_start(study: optuna.Study, config: StudyConfig) -> None:
     """A study is starting (or resuming) in this driver process.
 
+    Called on every plugin, once per ``harness study``, after the storage is open and before the first trial.
+
     :param study: the ``optuna.Study``.
-    :param config: the :class:`harness.study.StudyConfig`.
+    :param config: the :class:`harness.studyfile.StudyConfig`; ``config.settings`` holds the validated
+        plugin sections (:func:`harness_declare_study_settings`).
+    :returns: nothing (the return value is ignored).
     """
+    raise NotImplementedError
 
 
 @hookspec
-def harness_trial_launch(spec, trial_number, study):
-    """A trial is about to be launched by the driver. Implementations may add entries to ``spec.tags`` that
-    the worker's observers read (e.g. a tracking run id)."""
+def harness_trial_launch(spec: TrialSpec, trial_number: int, study: optuna.Study) -> dict[str, Any] | None:
+    """A trial is about to be launched by the driver.
+
+    Called on the plugins taking part in the trial, in the driver, after the feasibility check and before the
+    worker starts.
+
+    :param spec: the TrialSpec about to run.
+    :param trial_number: the Optuna trial number.
+    :param study: the ``optuna.Study``.
+    :returns: tags (JSON-able) merged into ``spec.tags``, which the worker's observers read (e.g. a tracking
+        run id); or None.
+    """
+    raise NotImplementedError
 
 
 @hookspec
-def harness_trial_finished(spec, record, study):
+def harness_trial_finished(spec: TrialSpec, record: TrialRecord, study: optuna.Study) -> None:
     """The driver has told Optuna a trial's outcome.
 
-    :param record: the :class:`harness.study.TrialRecord` (number, state, failure class and message, metrics,
-        objective values).
+    Called on the plugins taking part in the trial, in the driver, for every trial including infeasible ones
+    and reused duplicates.
+
+    :param spec: the trial's TrialSpec (with the tags of :func:`harness_trial_launch`).
+    :param record: the :class:`harness.outcomes.TrialRecord` (number, state, failure class and message,
+        metrics, objective values).
+    :param study: the ``optuna.Study``.
+    :returns: nothing (the return value is ignored).
     """
+    raise NotImplementedError
 
 
 @hookspec
-def harness_study_end(study, config, records, pareto, output_dir):
+def harness_study_end(study: optuna.Study, config: StudyConfig, records: list[TrialRecord],
+                      pareto: list[TrialRecord], output_dir: Path) -> None:
     """The study's optimisation loop ended in this driver.
 
-    :param records: every :class:`harness.study.TrialRecord` of the study; ``pareto`` the non-dominated ones.
+    Called on every plugin, once, after the report was printed and written.
+
+    :param study: the ``optuna.Study``.
+    :param config: the :class:`harness.studyfile.StudyConfig`.
+    :param records: every :class:`harness.outcomes.TrialRecord` of the study.
+    :param pareto: the non-dominated records (the Pareto front).
     :param output_dir: where the report's plots and tables were written.
+    :returns: nothing (the return value is ignored).
     """
+    raise NotImplementedError

@@ -12,9 +12,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from harness.config import TrialSpec
 from harness.errors import SpecError
@@ -82,7 +83,7 @@ def worker_env(spec: TrialSpec, options: LaunchOptions) -> dict[str, str]:
     return env
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
+def kill_tree(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL the process and every descendant (torchrun puts its workers in sessions of their own, so killing
     the process group alone would miss them). The root is suspended first so it cannot start new children
     between listing and killing them."""
@@ -115,7 +116,7 @@ def _signal_name(code: int) -> str:
 
 
 def launch(spec: TrialSpec, workdir: Path, options: LaunchOptions | None = None,
-           on_event: Callable[[dict], bool | None] | None = None, poll_s: float = 0.2) -> TrialResult:
+           on_event: Callable[[dict[str, Any]], bool | None] | None = None, poll_s: float = 0.2) -> TrialResult:
     """Run ``spec`` in fresh processes and return its result; never raises for a failed trial.
 
     ``on_event`` receives the worker's events (``start``, ``progress``, ``window``, ``eval``) as they come;

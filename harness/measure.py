@@ -11,12 +11,14 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-#: Dense peak FLOP/s by device name fragment and compute dtype (DESIGN.md). SXM parts; PCIe parts separately.
+#: Dense peak FLOP/s by device name fragment and compute dtype (vendor datasheets, no sparsity).
+#: SXM parts; PCIe parts separately.
 DEVICE_PEAK_FLOPS = {
     "H100 PCIe": {"bf16": 756.0e12, "fp16": 756.0e12, "fp8": 1513.0e12, "tf32": 378.0e12, "fp32": 51.2e12},
     "H100": {"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12, "tf32": 494.7e12, "fp32": 66.9e12},
@@ -24,19 +26,30 @@ DEVICE_PEAK_FLOPS = {
     "A100": {"bf16": 312.0e12, "fp16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
 }
 
-#: The metrics a result carries, by objective name: (result key, unit, better direction).
-METRICS = {
-    "throughput": ("throughput_samples_per_s", "samples/s", "maximize"),
-    "tokens_per_s": ("throughput_tokens_per_s", "tokens/s", "maximize"),
-    "accuracy": ("accuracy", "fraction", "maximize"),
-    "val_loss": ("val_loss", "nats", "minimize"),
-    "peak_memory": ("peak_memory_bytes", "bytes", "minimize"),
-    "energy_per_sample": ("energy_per_sample_j", "J", "minimize"),
-    "time_to_accuracy": ("time_to_accuracy_s", "s", "minimize"),
-    "mfu": ("mfu", "fraction", "maximize"),
-    "model_size": ("model_size_bytes", "bytes", "minimize"),
-    "latency": ("inference_latency_s", "s", "minimize"),
-}
+@dataclass(frozen=True)
+class Metric:
+    """A metric a study file can name as an objective or constraint: its study-file ``name``, the ``key`` it has
+    in a trial's result, its ``unit`` and which ``direction`` is better (``maximize`` / ``minimize``)."""
+
+    name: str
+    key: str
+    unit: str
+    direction: str
+    help: str = ""
+    #: filled in by the plugin manager: the plugin that declared it ("" for the core's own).
+    plugin: str = ""
+
+
+#: The metrics the core itself measures; plugins declare more (``harness_declare_metrics``).
+CORE_METRICS = (
+    Metric("throughput", "throughput_samples_per_s", "samples/s", "maximize", "steady-state training throughput"),
+    Metric("tokens_per_s", "throughput_tokens_per_s", "tokens/s", "maximize", "throughput in tokens (sequence models)"),
+    Metric("accuracy", "accuracy", "fraction", "maximize", "held-out accuracy"),
+    Metric("val_loss", "val_loss", "nats", "minimize", "held-out loss"),
+    Metric("peak_memory", "peak_memory_bytes", "bytes", "minimize", "peak device memory"),
+    Metric("time_to_accuracy", "time_to_accuracy_s", "s", "minimize", "training time to the target accuracy"),
+    Metric("mfu", "mfu", "fraction", "maximize", "model FLOP utilisation of the device's dense peak"),
+)
 
 
 def dtype_key(compute_dtype: Any) -> str:
@@ -76,21 +89,22 @@ def conditions(device: torch.device) -> dict[str, str]:
 class Clock:
     """Marks points in the device's timeline; ``elapsed(a, b)`` in seconds once both have passed."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
 
-    def mark(self):
+    def mark(self) -> Any:
+        """A CUDA event recorded on the current stream, or the host clock on the CPU."""
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             return ev
         return time.perf_counter()
 
-    def elapsed(self, start, end) -> float:
+    def elapsed(self, start: Any, end: Any) -> float:
         if self.cuda:
             end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        return end - start
+            return float(start.elapsed_time(end)) / 1e3
+        return float(end - start)
 
     def sync(self) -> None:
         if self.cuda:
@@ -108,7 +122,7 @@ class WindowStats:
     window_step_times_s: list[float]
 
     @classmethod
-    def from_windows(cls, windows: list[tuple[int, float]]) -> "WindowStats":
+    def from_windows(cls, windows: list[tuple[int, float]]) -> WindowStats:
         per_step = [s / n for n, s in windows if n > 0]
         steps = sum(n for n, _ in windows)
         seconds = sum(s for _, s in windows)
@@ -129,7 +143,8 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def count_training_flops(model, inputs, targets, loss_fn) -> float | None:
+def count_training_flops(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                         loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> float | None:
     """FLOPs of one forward + backward on ``inputs``, counted by torch's FLOP counter (None when it fails)."""
     from torch.utils.flop_counter import FlopCounterMode
 

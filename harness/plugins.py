@@ -8,17 +8,22 @@ and left out; the others keep working.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
 import os
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Literal, overload
 
 import pluggy
 
 from harness import hookspecs
+from harness.config import Setting
 from harness.errors import PluginError, SpecError
+from harness.hooks import Hooks
+from harness.measure import CORE_METRICS, Metric
 from harness.space import AXES, Categorical, Float, Int, Technique, did_you_mean
 from harness.workload import WorkloadInfo
 
@@ -45,7 +50,8 @@ def _env_list(name: str) -> list[str]:
 
 
 class Registry:
-    """The loaded plugins, their hooks (``registry.hook``), techniques and workloads."""
+    """The loaded plugins: their declarations (techniques, workloads, metrics, study-file settings) and the
+    typed hook facade (``registry.hooks``) through which the core calls them."""
 
     def __init__(self, disable: Iterable[str] = (), extra: Iterable[Any] = (), entry_points: bool = True):
         self.pm = pluggy.PluginManager("harness")
@@ -54,34 +60,47 @@ class Registry:
         self.records: dict[str, PluginRecord] = {}
         self.techniques: dict[tuple[str, str], Technique] = {}
         self.workloads: dict[str, WorkloadInfo] = {}
-        self._register(_CoreHooks(self), "harness-core", "harness.plugins")
+        self.metrics: dict[str, Metric] = {m.name: m for m in CORE_METRICS}
+        self.settings: dict[str, Setting] = {}
+        self._entry_points: dict[str, Any] = {}
         if entry_points:
             for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+                self._entry_points.setdefault(ep.name, ep)
                 if ep.name in self.disabled:
                     continue
                 dist = getattr(ep, "dist", None)
                 rec = PluginRecord(ep.name, ep.value, dist.name if dist else "", dist.version if dist else "")
                 try:
-                    plugin = ep.load()
+                    plugin = _instantiate(ep.load())
                 except Exception as exc:  # any import-time failure of a third party's code
                     self._fail(rec, f"failed to import {ep.value}: {type(exc).__name__}: {exc}")
                     continue
-                self._register(plugin, ep.name, ep.value, rec)
+                self._register(plugin, ep.name, rec)
         for i, item in enumerate(list(_env_list("HARNESS_PLUGINS")) + list(extra)):
             if isinstance(item, str):
                 rec = PluginRecord(item, item, "HARNESS_PLUGINS")
                 if item in self.disabled:
                     continue
                 try:
-                    plugin = importlib.import_module(item)
+                    plugin = _instantiate(importlib.import_module(item))
                 except Exception as exc:
                     self._fail(rec, f"failed to import {item}: {type(exc).__name__}: {exc}")
                     continue
-                self._register(plugin, item, item, rec)
+                self._register(plugin, item, rec)
             else:
+                plugin = _instantiate(item)
                 name = getattr(item, "__name__", None) or f"{type(item).__name__}-{i}"
-                self._register(item, name, name)
+                self._register(plugin, name, PluginRecord(name, name))
         self._collect()
+        self.pm.check_pending()
+        if entry_points:
+            self._check_essential()
+        owners: dict[tuple[str, str], str] = {k: t.plugin for k, t in self.techniques.items()}
+        owners.update({("workload", k): w.plugin for k, w in self.workloads.items()})
+        declaring = set(owners.values())
+        observers = [name for name, _ in self.pm.list_name_plugin() if name not in declaring]
+        #: the typed facade: the only way the core calls hooks.
+        self.hooks = Hooks(self.pm, owners, observers)
 
     # ------------------------------------------------------------------------------------------ loading
     def _fail(self, rec: PluginRecord, message: str) -> None:
@@ -89,9 +108,14 @@ class Registry:
         self.records[rec.name] = rec
         print(f"harness: plugin {rec.name!r} disabled: {message}", file=sys.stderr)
 
-    def _register(self, plugin, name: str, module: str, rec: PluginRecord | None = None) -> None:
-        rec = rec or PluginRecord(name, module)
-        if self.pm.has_plugin(name) or self.pm.is_registered(plugin):
+    def _register(self, plugin: Any, name: str, rec: PluginRecord) -> None:
+        if self.pm.has_plugin(name):
+            first = self.records[name].module if name in self.records else name
+            self._fail(PluginRecord(f"{name} ({rec.module})", rec.module, rec.distribution, rec.version),
+                       f"plugin name {name!r} is already registered by {first} (plugin names must be unique)")
+            return
+        if self.pm.is_registered(plugin):
+            self._fail(rec, f"{rec.module} is already registered as plugin {self.pm.get_name(plugin)!r}")
             return
         try:
             self.pm.register(plugin, name=name)
@@ -110,76 +134,113 @@ class Registry:
 
     def _collect(self) -> None:
         for name, plugin in list(self.pm.list_name_plugin()):
-            rec = self.records.get(name)
-            for hookname, target, check in (("harness_declare_techniques", self.techniques, self._check_technique),
-                                            ("harness_declare_workloads", self.workloads, self._check_workload)):
-                caller = getattr(self.pm.hook, hookname)
-                impls = [i for i in caller.get_hookimpls() if i.plugin is plugin]
-                if not impls:
-                    continue
-                try:
-                    declared = impls[0].function() or []
-                    items = [check(name, item) for item in declared]
-                except Exception as exc:
-                    self.pm.unregister(plugin)
-                    self._fail(rec or PluginRecord(name, name), f"bad declaration: {exc}")
-                    self._forget(name)
-                    break
-                for item in items:
-                    key = (item.axis, item.name) if isinstance(item, Technique) else item.name
-                    if key in target:
-                        self.pm.unregister(plugin)
-                        self._fail(rec or PluginRecord(name, name),
-                                   f"declares {key!r}, already declared by plugin {target[key].plugin!r}")
-                        self._forget(name)
-                        break
-                    target[key] = item
-                    if rec is not None:
-                        (rec.techniques if isinstance(item, Technique) else rec.workloads).append(item)
-                else:
-                    continue
-                break
+            rec = self.records[name]
+            try:
+                found = {hook: [check_declaration(name, hook, item) for item in _declared(self.pm, plugin, hook)]
+                         for hook in _DECLARATIONS}
+                self._add(rec, found)
+            except PluginError as exc:
+                self.pm.unregister(plugin)
+                self._forget(name)
+                self._fail(rec, f"bad declaration: {exc}" if not str(exc).startswith("declares") else str(exc))
+
+    def _add(self, rec: PluginRecord, found: dict[str, list[Any]]) -> None:
+        """Add one plugin's declarations; a name another plugin already declared is an error."""
+        for tech in found["harness_declare_techniques"]:
+            other = self.techniques.get((tech.axis, tech.name))
+            if other is not None:
+                raise PluginError(f"declares {tech.axis} technique {tech.name!r}, already declared by plugin "
+                                  f"{other.plugin!r}")
+            if tech.default:
+                current = self.default_technique(tech.axis, required=False)
+                if current is not None:
+                    raise PluginError(f"declares {tech.name!r} the default {tech.axis} technique, but plugin "
+                                      f"{current.plugin!r} already declares {current.name!r} the default")
+            self.techniques[(tech.axis, tech.name)] = tech
+            rec.techniques.append(tech)
+        for info in found["harness_declare_workloads"]:
+            if info.name in self.workloads:
+                raise PluginError(f"declares workload {info.name!r}, already declared by plugin "
+                                  f"{self.workloads[info.name].plugin!r}")
+            if info.default and any(w.default for w in self.workloads.values()):
+                raise PluginError(f"declares workload {info.name!r} the default, but another plugin already does")
+            self.workloads[info.name] = info
+            rec.workloads.append(info)
+        for metric in found["harness_declare_metrics"]:
+            other_m = self.metrics.get(metric.name)
+            if other_m is not None and (other_m.key, other_m.unit, other_m.direction) != (
+                    metric.key, metric.unit, metric.direction):
+                raise PluginError(f"declares metric {metric.name!r} differently from "
+                                  f"{'the core' if not other_m.plugin else 'plugin ' + repr(other_m.plugin)}")
+            self.metrics.setdefault(metric.name, metric)
+        for setting in found["harness_declare_study_settings"]:
+            if setting.key in self.settings:
+                raise PluginError(f"declares study-file section {setting.key!r}, already declared by plugin "
+                                  f"{self.settings[setting.key].plugin!r}")
+            self.settings[setting.key] = setting
 
     def _forget(self, plugin_name: str) -> None:
-        for key in [k for k, t in self.techniques.items() if t.plugin == plugin_name]:
-            del self.techniques[key]
-        for key in [k for k, w in self.workloads.items() if w.plugin == plugin_name]:
-            del self.workloads[key]
+        tables: tuple[dict[Any, Any], ...] = (self.techniques, self.workloads, self.metrics, self.settings)
+        for table in tables:
+            for key in [k for k, v in table.items() if v.plugin == plugin_name]:
+                del table[key]
+        rec = self.records.get(plugin_name)
+        if rec is not None:
+            rec.techniques, rec.workloads = [], []
 
-    @staticmethod
-    def _check_technique(plugin: str, tech: Any) -> Technique:
-        if not isinstance(tech, Technique):
-            raise PluginError(f"harness_declare_techniques returned {tech!r}, not a harness.space.Technique")
-        if tech.axis not in AXES:
-            raise PluginError(f"technique {tech.name!r}: unknown axis {tech.axis!r} (allowed: {', '.join(AXES)})")
-        if not tech.name or not isinstance(tech.name, str) or tech.name != tech.name.strip():
-            raise PluginError(f"technique on axis {tech.axis!r} has an invalid name {tech.name!r}")
-        for key, param in tech.space.items():
-            if not isinstance(param, (Float, Int, Categorical)):
-                raise PluginError(f"technique {tech.name!r}: parameter {key!r} must be Float, Int or Categorical")
-            if not isinstance(param, Categorical) and param.low > param.high:
-                raise PluginError(f"technique {tech.name!r}: parameter {key!r} has low > high")
-        for rule in tech.incompatible:
-            axis, sep, other = rule.partition(":")
-            if not sep or axis not in AXES or not other:
-                raise PluginError(f"technique {tech.name!r}: incompatible entry {rule!r} is not 'axis:name'")
-        return Technique(**{**tech.__dict__, "plugin": plugin})
-
-    @staticmethod
-    def _check_workload(plugin: str, info: Any) -> WorkloadInfo:
-        if not isinstance(info, WorkloadInfo):
-            raise PluginError(f"harness_declare_workloads returned {info!r}, not a harness.workload.WorkloadInfo")
-        if not callable(info.build):
-            raise PluginError(f"workload {info.name!r}: build is not callable")
-        return WorkloadInfo(**{**info.__dict__, "plugin": plugin})
+    def _check_essential(self) -> None:
+        """Every axis (and the workloads) must keep its default: a disabled plugin that provides one is an error."""
+        missing = [axis for axis in AXES if self.default_technique(axis, required=False) is None]
+        if not any(w.default for w in self.workloads.values()):
+            missing.append("workload")
+        if not missing:
+            return
+        for name in sorted(self.disabled & set(self._entry_points)):
+            try:
+                module = _instantiate(self._entry_points[name].load())
+            except Exception:  # cannot be imported: it cannot be what provides the default either
+                continue
+            for tech in [*_plain_declared(module, "harness_declare_techniques"),
+                         *_plain_declared(module, "harness_declare_workloads")]:
+                axis = getattr(tech, "axis", "workload")
+                if getattr(tech, "default", False) and axis in missing:
+                    raise SpecError(f"--disable: plugin {name!r} is essential: it provides the default {axis} "
+                                    f"{tech.name!r} (plugins that declare a default cannot be disabled)")
 
     # ------------------------------------------------------------------------------------------ queries
-    @property
-    def hook(self):
-        return self.pm.hook
+    def plugin(self, name: str) -> Any:
+        """The registered plugin object (module or instance) named ``name``, or None."""
+        return self.pm.get_plugin(name)
 
     def names(self, axis: str) -> list[str]:
         return sorted(name for (a, name) in self.techniques if a == axis)
+
+    @overload
+    def default_technique(self, axis: str) -> Technique: ...
+
+    @overload
+    def default_technique(self, axis: str, required: Literal[True]) -> Technique: ...
+
+    @overload
+    def default_technique(self, axis: str, required: bool) -> Technique | None: ...
+
+    def default_technique(self, axis: str, required: bool = True) -> Technique | None:
+        """The technique declared ``default=True`` on ``axis`` (SpecError when none is and ``required``)."""
+        for (a, _), tech in self.techniques.items():
+            if a == axis and tech.default:
+                return tech
+        if required:
+            raise SpecError(f"{axis}: no loaded plugin declares a default {axis} technique "
+                            f"(known: {', '.join(self.names(axis)) or 'none'}); name one{self._broken_hint()}")
+        return None
+
+    def default_workload(self) -> str:
+        """The name of the workload declared ``default=True``."""
+        for info in self.workloads.values():
+            if info.default:
+                return info.name
+        raise SpecError(f"workload: no loaded plugin declares a default workload (known: "
+                        f"{', '.join(sorted(self.workloads)) or 'none'}); name one{self._broken_hint()}")
 
     def technique(self, where: str, axis: str, name: str) -> Technique:
         tech = self.techniques.get((axis, name))
@@ -188,6 +249,14 @@ class Registry:
             raise SpecError(f"{where}: unknown technique {name!r} (known: {', '.join(known) or 'none'})"
                             f"{did_you_mean(name, known)}{self._broken_hint()}")
         return tech
+
+    def metric(self, where: str, name: Any) -> Metric:
+        """The metric a study file names, or SpecError listing the known ones."""
+        metric = self.metrics.get(name) if isinstance(name, str) else None
+        if metric is None:
+            raise SpecError(f"{where}: unknown metric {name!r} (known: {', '.join(self.metrics)})"
+                            f"{did_you_mean(str(name), self.metrics)}")
+        return metric
 
     def _broken_hint(self) -> str:
         """Names the plugins that failed to load: the unknown name may be one of theirs."""
@@ -217,6 +286,11 @@ class Registry:
         if info.validate is not None:
             info.validate(out)
         return out
+
+    def build_workload(self, spec: Any, device: Any) -> Any:
+        """Build ``spec``'s workload with its declared builder (dispatch by declaration, no hook)."""
+        info = self.workload_info("workload", spec.workload)
+        return info.build(device=device, seed=spec.seed, **spec.workload_params)
 
     def workload_kinds(self, name: str) -> tuple[str, ...]:
         try:
@@ -250,16 +324,74 @@ def _import_workload(where: str, target: str) -> WorkloadInfo:
     return WorkloadInfo(name=target, build=func, kinds=tuple(getattr(func, "kinds", ())), plugin=module_name)
 
 
-class _CoreHooks:
-    """The core's own hook implementations: resolving a workload name to its declared builder."""
+def _instantiate(obj: Any) -> Any:
+    """A plugin named by a class is instantiated once per registry, so its state lives on the instance."""
+    return obj() if isinstance(obj, type) else obj
 
-    def __init__(self, registry: Registry):
-        self.registry = registry
 
-    @hookimpl(trylast=True)
-    def harness_build_workload(self, spec, device, params):
-        info = self.registry.workload_info("workload", spec.workload)
-        return info.build(device=device, seed=spec.seed, **params)
+def _declared(pm: pluggy.PluginManager, plugin: Any, hook: str) -> list[Any]:
+    """What ``plugin``'s implementation of the declaration ``hook`` returns (an empty list without one)."""
+    impls = [i for caller in pm.get_hookcallers(plugin) or [] if caller.name == hook
+             for i in caller.get_hookimpls() if i.plugin is plugin]
+    if not impls:
+        return []
+    try:
+        declared = impls[0].function() or []
+    except Exception as exc:  # a third party's declaration code failed: report it like a bad declaration
+        raise PluginError(f"{hook} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(declared, (list, tuple)):
+        raise PluginError(f"{hook} returned {type(declared).__name__}, not a list")
+    return list(declared)
+
+
+def _plain_declared(module: Any, hook: str) -> list[Any]:
+    """A declaration of a plugin that is not registered (to explain why it cannot be disabled)."""
+    func = getattr(module, hook, None)
+    try:
+        return list(func() or []) if callable(func) else []
+    except Exception:  # its declarations are broken: it provides no default
+        return []
+
+
+def _technique_problem(tech: Technique) -> str | None:
+    if tech.axis not in AXES:
+        return f"technique {tech.name!r}: unknown axis {tech.axis!r} (allowed: {', '.join(AXES)})"
+    if not tech.name or not isinstance(tech.name, str) or tech.name != tech.name.strip():
+        return f"technique on axis {tech.axis!r} has an invalid name {tech.name!r}"
+    for key, param in tech.space.items():
+        if not isinstance(param, (Float, Int, Categorical)):
+            return f"technique {tech.name!r}: parameter {key!r} must be Float, Int or Categorical"
+        if not isinstance(param, Categorical) and param.low > param.high:
+            return f"technique {tech.name!r}: parameter {key!r} has low > high"
+    for rule in tech.incompatible:
+        axis, sep, other = rule.partition(":")
+        if not sep or axis not in AXES or not other:
+            return f"technique {tech.name!r}: incompatible entry {rule!r} is not 'axis:name'"
+    return None
+
+
+#: per declaration hook: the type each declared item must have, and what else is wrong with it (or None).
+_DECLARATIONS: dict[str, tuple[type, Callable[[Any], str | None]]] = {
+    "harness_declare_techniques": (Technique, _technique_problem),
+    "harness_declare_workloads": (WorkloadInfo, lambda w: None if callable(w.build) else
+                                  f"workload {w.name!r}: build is not callable"),
+    "harness_declare_metrics": (Metric, lambda m: None if m.direction in ("maximize", "minimize") else
+                                f"metric {m.name!r}: direction {m.direction!r} (allowed: maximize, minimize)"),
+    "harness_declare_study_settings": (Setting, lambda s: None if callable(s.validate) else
+                                       f"study-file section {s.key!r}: validate is not callable"),
+}
+
+
+def check_declaration(plugin: str, hook: str, item: Any) -> Any:
+    """``item``, declared by ``plugin`` through the declaration ``hook``, stamped with the plugin's name; a
+    :class:`PluginError` naming what is wrong otherwise (the loader disables such a plugin)."""
+    cls, problem = _DECLARATIONS[hook]
+    if not isinstance(item, cls):
+        raise PluginError(f"{hook} returned {item!r}, not a {cls.__module__}.{cls.__name__}")
+    reason = problem(item)
+    if reason:
+        raise PluginError(reason)
+    return dataclasses.replace(item, plugin=plugin)  # type: ignore[type-var]  # every cls is a dataclass
 
 
 def get_registry(disable: Iterable[str] = (), extra: Iterable[Any] = ()) -> Registry:

@@ -11,11 +11,20 @@ import csv
 import json
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
+from harness.outcomes import Objective, TrialRecord
 from harness.space import AXES
-from harness.study import Objective, TrialRecord, dominates
+from harness.storage import optuna_experimental
+
+if TYPE_CHECKING:
+    import optuna
+    from rich.console import Console
+
+#: draws one plot of a study into a PNG file; False when there is too little to draw.
+Drawer = Callable[["optuna.Study", Sequence[TrialRecord], Sequence[TrialRecord], Sequence[Objective], Path], bool]
 
 #: the columns every table shows besides the objectives.
 KEY_METRICS = ("throughput_samples_per_s", "accuracy", "peak_memory_bytes")
@@ -36,7 +45,7 @@ def fmt(key: str, value: Any) -> str:
     return f"{value:.4g}"
 
 
-def records_from_study(study) -> list[TrialRecord]:
+def records_from_study(study: optuna.Study) -> list[TrialRecord]:
     """One record per trial; a trial without one (running, waiting, or interrupted by a killed driver) gets a
     record that says so."""
     out = []
@@ -53,20 +62,8 @@ def records_from_study(study) -> list[TrialRecord]:
     return out
 
 
-def pareto_front(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -> list[TrialRecord]:
-    """The feasible completed trials that no other dominates on the objectives (each combination once)."""
-    seen, candidates = set(), []
-    for r in sorted(records, key=lambda r: (r.duplicate_of is not None, r.number)):
-        if r.feasible and r.values and r.spec_hash not in seen:
-            seen.add(r.spec_hash)
-            candidates.append(r)
-    directions = [o.direction for o in objectives]
-    front = [r for r in candidates if not any(dominates(o.values, r.values, directions) for o in candidates)]
-    o0 = objectives[0]
-    return sorted(front, key=lambda r: r.values[0], reverse=o0.direction == "maximize")
-
-
-def _objectives_of(study) -> list[Objective]:
+def objectives_of(study: optuna.Study) -> list[Objective]:
+    """The objectives the driver stored on the study (empty for a study it did not create)."""
     return [Objective(*o) for o in study.user_attrs.get("objectives", [])]
 
 
@@ -75,12 +72,12 @@ def _columns(objectives: Sequence[Objective]) -> list[str]:
     return keys + [k for k in KEY_METRICS if k not in keys]
 
 
-def print_table(console, study, records: Sequence[TrialRecord], pareto: Sequence[TrialRecord],
+def print_table(console: Console, study: optuna.Study, records: Sequence[TrialRecord], pareto: Sequence[TrialRecord],
                 baseline: TrialRecord | None = None, objectives: Sequence[Objective] | None = None) -> None:
     """Print the Pareto table (techniques + metrics) and one line of counts by outcome."""
     from rich.table import Table
 
-    objectives = list(objectives or _objectives_of(study))
+    objectives = list(objectives or objectives_of(study))
     cols = _columns(objectives)
     directions = {o.key: ("max" if o.direction == "maximize" else "min") for o in objectives}
     table = Table(title=f"study {study.study_name}: Pareto front ({len(pareto)} of {len(records)} trials)")
@@ -112,14 +109,14 @@ def print_table(console, study, records: Sequence[TrialRecord], pareto: Sequence
     console.print(f"trials: {line}")
 
 
-def write_outputs(study, records: Sequence[TrialRecord], pareto: Sequence[TrialRecord],
+def write_outputs(study: optuna.Study, records: Sequence[TrialRecord], pareto: Sequence[TrialRecord],
                   objectives: Sequence[Objective], output_dir: Path,
                   baseline: TrialRecord | None = None) -> list[Path]:
     """Write trials.csv, pareto.json and the PNG plots; a plot that cannot be drawn (too few trials) is
     skipped with a warning rather than failing the study."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    written = [_write_csv(records, objectives, output_dir / "trials.csv")]
+    written = [write_trials_csv(records, objectives, output_dir / "trials.csv")]
     pareto_json = output_dir / "pareto.json"
     pareto_json.write_text(json.dumps({
         "study": study.study_name,
@@ -140,8 +137,7 @@ def write_outputs(study, records: Sequence[TrialRecord], pareto: Sequence[TrialR
     for name, draw in (("pareto.png", _plot_pareto), ("history.png", _plot_optuna("plot_optimization_history")),
                        ("importance.png", _plot_optuna("plot_param_importances"))):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with optuna_experimental():  # Optuna's matplotlib plots are experimental
                 if draw(study, records, pareto, objectives, output_dir / name):
                     written.append(output_dir / name)
         except Exception as exc:  # optuna's plots refuse studies with too few or unvarying trials
@@ -149,7 +145,8 @@ def write_outputs(study, records: Sequence[TrialRecord], pareto: Sequence[TrialR
     return written
 
 
-def _write_csv(records: Sequence[TrialRecord], objectives: Sequence[Objective], path: Path) -> Path:
+def write_trials_csv(records: Sequence[TrialRecord], objectives: Sequence[Objective], path: Path) -> Path:
+    """One row per trial record: outcome, objective values, parameters, numeric metrics and message."""
     param_keys = sorted({k for r in records for k in r.params})
     metric_keys = sorted({k for r in records for k, v in r.metrics.items() if isinstance(v, (int, float))})
     head = ["number", "state", "failure_class", "feasible", "duplicate_of", "duration_s", "spec_hash"]
@@ -166,7 +163,8 @@ def _write_csv(records: Sequence[TrialRecord], objectives: Sequence[Objective], 
     return path
 
 
-def _plot_pareto(study, records, pareto, objectives, path: Path) -> bool:
+def _plot_pareto(study: optuna.Study, records: Sequence[TrialRecord], pareto: Sequence[TrialRecord],
+                 objectives: Sequence[Objective], path: Path) -> bool:
     """Scatter of the first two objectives (or the first against trial number): every feasible trial in grey,
     constraint violators hollow, the Pareto front in red and labelled with its techniques."""
     import matplotlib.pyplot as plt
@@ -177,16 +175,18 @@ def _plot_pareto(study, records, pareto, objectives, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     two = len(objectives) >= 2
 
-    def xy(r):
+    def xy(r: TrialRecord) -> tuple[float, float]:
+        assert r.values
         return (r.values[1], r.values[0]) if two else (r.number, r.values[0])
 
     ok = [xy(r) for r in done if r.feasible]
     bad = [xy(r) for r in done if not r.feasible]
     if ok:
-        ax.scatter(*zip(*ok), c="0.6", label="feasible")
+        ax.scatter([x for x, _ in ok], [y for _, y in ok], c="0.6", label="feasible")
     if bad:
-        ax.scatter(*zip(*bad), facecolors="none", edgecolors="0.4", label="violates constraints")
-    front = sorted((xy(r), r) for r in pareto)
+        ax.scatter([x for x, _ in bad], [y for _, y in bad], facecolors="none", edgecolors="0.4",
+                   label="violates constraints")
+    front = sorted(((xy(r), r) for r in pareto), key=lambda point: point[0])
     if front:
         ax.plot([p[0][0] for p in front], [p[0][1] for p in front], "r-o", label="Pareto front")
         for (x, y), r in front:
@@ -201,22 +201,37 @@ def _plot_pareto(study, records, pareto, objectives, path: Path) -> bool:
     return True
 
 
-def _plot_optuna(plot_name: str):
+def _plot_optuna(plot_name: str) -> Drawer:
     """A drawer for one of Optuna's matplotlib plots (``plot_optimization_history``, ``plot_param_importances``)
     of the first objective; it needs two complete trials at least."""
 
-    def draw(study, records, pareto, objectives, path: Path) -> bool:
+    def draw(study: optuna.Study, records: Sequence[TrialRecord], _pareto: Sequence[TrialRecord],
+             objectives: Sequence[Objective], path: Path) -> bool:
         import matplotlib.pyplot as plt
         import optuna.visualization.matplotlib as ovm
 
         if sum(1 for r in records if r.state == "COMPLETE") < 2:
             return False
 
-        ax = getattr(ovm, plot_name)(study, target=lambda t: t.values[0], target_name=objectives[0].metric)
-        ax.figure.set_size_inches(8, 5)
-        ax.figure.tight_layout()
-        ax.figure.savefig(path, dpi=110)
-        plt.close(ax.figure)
+        if plot_name == "plot_param_importances":
+            # Optuna's importance evaluator (PED-ANOVA) ranks parameters for *low* values of a custom target (and
+            # warns so): flip a maximised objective's sign so importance means "for a better value".
+            sign = -1.0 if objectives[0].direction == "maximize" else 1.0
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*computes the importances of params to achieve low",
+                                        category=UserWarning)
+                ax = ovm.plot_param_importances(study, target=lambda t: sign * t.values[0],
+                                                target_name=objectives[0].metric)
+        else:
+            ax = getattr(ovm, plot_name)(study, target=lambda t: t.values[0], target_name=objectives[0].metric)
+        from matplotlib.figure import Figure
+
+        figure = ax.figure
+        assert isinstance(figure, Figure)  # Optuna draws on a figure of its own, not a subfigure
+        figure.set_size_inches(8, 5)
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
         return True
 
     return draw

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 from harness.errors import SpecError
 
@@ -136,6 +137,9 @@ class Technique:
     incompatible: tuple[str, ...] = ()
     reason: str = ""
     description: str = ""
+    #: the axis's default technique: what a trial or study that leaves the axis out runs. Exactly one technique
+    #: per axis is the default; the plugin declaring it is essential (cannot be disabled).
+    default: bool = False
     #: filled in by the plugin manager: the plugin that declared it.
     plugin: str = ""
 
@@ -164,7 +168,7 @@ class Environment:
     device_name: str
 
     @classmethod
-    def detect(cls) -> "Environment":
+    def detect(cls) -> Environment:
         import torch
 
         if torch.cuda.is_available():
@@ -195,8 +199,8 @@ def infeasible_reason(spec, techniques: Mapping[tuple[str, str], Technique], env
             return f"{label} requires CUDA, which this trial does not have"
         if req.min_compute_capability and (
                 not env.cuda or (env.compute_capability or (0, 0)) < tuple(req.min_compute_capability)):
-            have = "no GPU" if not env.cuda else f"{env.device_name} (compute capability " \
-                f"{env.compute_capability[0]}.{env.compute_capability[1]})"
+            cc = env.compute_capability or (0, 0)
+            have = "no GPU" if not env.cuda else f"{env.device_name} (compute capability {cc[0]}.{cc[1]})"
             need = ".".join(map(str, req.min_compute_capability))
             return f"{label} requires compute capability >= {need}; this machine has {have}"
         if spec.devices < req.min_devices:
@@ -229,7 +233,13 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def param_from_yaml(where: str, base: Param, value: Any):
+class Validates(Protocol):
+    """Any parameter declaration: a technique's ``Param`` or a workload's free-form ``Text``."""
+
+    def validate(self, where: str, value: Any) -> Any: ...
+
+
+def param_from_yaml(where: str, base: Param | Validates, value: Any) -> tuple[str, Any]:
     """Interpret a study file's value for a parameter: a fixed value, a list of choices or a ``{low, high}`` range.
 
     Returns ``("fixed", value)`` or ``("dist", optuna distribution)``.
@@ -238,6 +248,8 @@ def param_from_yaml(where: str, base: Param, value: Any):
         if isinstance(base, Categorical):
             raise SpecError(f"{where}: a range is not allowed for a categorical parameter "
                             f"(give one value or a list from: {', '.join(map(repr, base.choices))})")
+        if not isinstance(base, (Float, Int)):
+            raise SpecError(f"{where}: a range is allowed only for a numeric parameter (give one value or a list)")
         unknown = set(value) - {"low", "high", "log"}
         if unknown:
             raise SpecError(f"{where}: unknown key {sorted(unknown)[0]!r} in range (allowed: low, high, log)")

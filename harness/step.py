@@ -6,8 +6,9 @@ so the hot loop is the same few calls whatever the techniques.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ class Engine:
 
     accumulation_steps: int = 1
 
-    def __init__(self, model: nn.Module, optimizer, precision: Precision, scheduler=None):
+    def __init__(self, model: nn.Module, optimizer: Any, precision: Precision, scheduler: Any = None) -> None:
         self.model = model
         self.module = model
         self.optimizer = optimizer
@@ -133,13 +134,13 @@ class TrainStep:
             loss = self.forward_loss(inputs, targets)
             engine.backward(loss)
         else:
-            total = 0.0
-            for i, (x, y) in enumerate(zip(inputs.chunk(n), targets.chunk(n))):
+            losses = []
+            for i, (x, y) in enumerate(zip(inputs.chunk(n), targets.chunk(n), strict=True)):
                 ctx = engine.no_sync() if i < n - 1 else contextlib.nullcontext()
                 with ctx:
                     loss = self.forward_loss(x, y) / n
                     engine.backward(loss)
-                total = total + loss.detach()
-            loss = total
+                losses.append(loss.detach())
+            loss = sum(losses[1:], losses[0])
         engine.step()
         return loss.detach()

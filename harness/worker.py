@@ -11,12 +11,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from harness.config import TrialSpec
 from harness.trial import run_trial, write_json_atomic
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.worker")
     parser.add_argument("spec")
     parser.add_argument("--result", required=True)
@@ -26,7 +27,7 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     events = open(args.events, "a", buffering=1) if args.events and rank == 0 else None
 
-    def on_event(event: dict) -> None:
+    def on_event(event: dict[str, Any]) -> None:
         if events is not None:
             events.write(json.dumps(event, default=str) + "\n")
 

@@ -5,8 +5,9 @@ the training loop never waits on a host-side loader and never forces a device sy
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,12 +51,14 @@ class WorkloadInfo:
     """
 
     name: str
-    build: Callable[..., "Workload"]
+    build: Callable[..., Workload]
     params: Mapping[str, Param | Text] = field(default_factory=dict)
     kinds: tuple[str, ...] = ()
     description: str = ""
     plugin: str = ""
     validate: Callable[[Mapping[str, Any]], None] | None = None
+    #: the default workload (what a trial or study that names none runs); its plugin cannot be disabled.
+    default: bool = False
 
 
 class TensorSource:
@@ -71,7 +74,7 @@ class TensorSource:
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def to(self, device) -> "TensorSource":
+    def to(self, device: torch.device | str) -> TensorSource:
         return type(self)(self.inputs.to(device), self.targets.to(device))
 
     def train_batches(self, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
@@ -110,7 +113,7 @@ class TokenSource:
     def __len__(self) -> int:
         return max(1, (len(self.tokens) - 1) // self.seq_len)
 
-    def to(self, device) -> "TokenSource":
+    def to(self, device: torch.device | str) -> TokenSource:
         return type(self)(self.tokens.to(device), self.seq_len)
 
     def _windows(self, starts: torch.Tensor) -> Batch:

@@ -9,15 +9,16 @@ image, row-major) and ``b"labels"`` (N ints in 0..9); ``batches.meta`` optionall
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from harness.errors import SpecError
 from harness.space import Int
-from harness.workload import TensorSource, Text
+from harness.workload import TensorSource, Text, WorkloadInfo
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -26,6 +27,8 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 INPUT_SHAPE = (3, 32, 32)
+#: the kinds of the CIFAR workloads (``channels-last`` and other conv techniques require ``conv``).
+KINDS = ("conv", "image")
 
 #: the data parameters shared by the CIFAR workloads (``seed-cnn``, ``resnet18``).
 DATA_PARAMS = {
@@ -34,6 +37,13 @@ DATA_PARAMS = {
     "synthetic_samples": Int(64, 1_000_000, default=8192, help="training images of the synthetic source"),
     "synthetic_test_samples": Int(16, 100_000, default=1024, help="held-out images of the synthetic source"),
 }
+
+
+def cifar_workload(name: str, build: Any, params: Mapping[str, Any], description: str) -> WorkloadInfo:
+    """The declaration of a CIFAR workload: the shared data parameters (:data:`DATA_PARAMS`) and their
+    validation, plus the model's own ``params``."""
+    return WorkloadInfo(name=name, build=build, kinds=KINDS, validate=validate_data_params,
+                        params={**DATA_PARAMS, **params}, description=description)
 
 
 def missing_files(data_dir: str | Path) -> list[str]:

@@ -12,12 +12,21 @@ import io
 import statistics
 import time
 import warnings
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
+from harness.measure import Metric
 from harness.space import Int
+
+#: the metrics of :func:`measure` a study file can name as objectives or constraints; every compression plugin
+#: that reports them declares them (``harness_declare_metrics``), identically.
+METRICS = (
+    Metric("model_size", "model_size_bytes", "bytes", "minimize", "serialised size of the trained (compressed) model"),
+    Metric("latency", "inference_latency_s", "s", "minimize", "median seconds of one inference batch"),
+)
 
 #: the key under which the uncompressed model's serialised size is kept in ``workload.info``.
 UNCOMPRESSED_SIZE_KEY = "uncompressed_model_size_bytes"

@@ -32,7 +32,7 @@ def common_space(lr: float, lr_low: float, lr_high: float, weight_decay: float =
     }
 
 
-def implementation_kwargs(params: dict, device: torch.device) -> dict:
+def implementation_kwargs(params: dict) -> dict:
     """torch's keyword for the chosen implementation (``default`` lets torch pick)."""
     impl = params.get("implementation", "default")
     if impl == "fused":
@@ -47,14 +47,15 @@ def trial_device_type(spec, env) -> str:
     return "cuda" if spec.device in ("cuda", "auto") and env.cuda else "cpu"
 
 
-def implementation_unavailable(optimizer_cls, name: str, spec, env) -> str | None:
-    """Why ``spec``'s implementation of ``optimizer_cls`` cannot run here, or None.
+def implementation_unavailable(optimizer_cls, spec, env) -> str | None:
+    """Why ``spec``'s implementation of ``optimizer_cls`` (the trial's optimizer) cannot run here, or None.
 
     torch has fused kernels only for some optimizers (not RMSprop) and some device types; a trial asking for
     one that does not exist is infeasible (declared before launch) rather than a crash inside torch.
     """
-    if spec.optimizer.name != name or spec.optimizer.params.get("implementation") != "fused":
+    if spec.optimizer.params.get("implementation") != "fused":
         return None
+    name = spec.optimizer.name
     if "fused" not in inspect.signature(optimizer_cls).parameters:
         return (f"optimizer {name!r}: implementation 'fused' does not exist for torch.optim."
                 f"{optimizer_cls.__name__} (torch {torch.__version__}; use 'foreach' or 'default')")
@@ -82,7 +83,8 @@ def cosine_schedule(optimizer, total_steps: int, warmup_fraction: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, total_steps, warmup))
 
 
-def build_schedule(optimizer, spec, total_steps: int, name: str):
-    if spec.optimizer.name != name or spec.optimizer.params.get("schedule", "constant") != "cosine":
+def build_schedule(optimizer, spec, total_steps: int):
+    """The trial's learning-rate schedule: None for ``constant``, warm-up then cosine decay for ``cosine``."""
+    if spec.optimizer.params.get("schedule", "constant") != "cosine":
         return None
     return cosine_schedule(optimizer, total_steps, spec.optimizer.params.get("warmup_fraction", 0.05))

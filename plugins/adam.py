@@ -7,9 +7,8 @@ from harness import hookimpl
 from harness.space import Technique
 from plugins._optim import ADAM_MOMENTS, build_schedule, common_space, implementation_kwargs, implementation_unavailable
 
-NAME = "adam"
 TECHNIQUE = Technique(
-    axis="optimizer", name=NAME,
+    axis="optimizer", name="adam",
     space={**common_space(lr=1e-3, lr_low=1e-5, lr_high=1e-1),
            **ADAM_MOMENTS},
     description="Adam (torch.optim.Adam), weight decay added to the gradient",
@@ -23,18 +22,16 @@ def harness_declare_techniques():
 
 @hookimpl
 def harness_check_combination(spec, env):
-    return implementation_unavailable(torch.optim.Adam, NAME, spec, env)
+    return implementation_unavailable(torch.optim.Adam, spec, env)
 
 
 @hookimpl
-def harness_build_optimizer(params, spec, device):
-    if spec.optimizer.name != NAME:
-        return None
+def harness_build_optimizer(params, spec):
     p = spec.optimizer.params
     return torch.optim.Adam(params, lr=p["lr"], betas=(p["beta1"], p["beta2"]), eps=p["eps"],
-                            weight_decay=p["weight_decay"], **implementation_kwargs(p, device))
+                            weight_decay=p["weight_decay"], **implementation_kwargs(p))
 
 
 @hookimpl
 def harness_build_lr_scheduler(optimizer, spec, total_steps):
-    return build_schedule(optimizer, spec, total_steps, NAME)
+    return build_schedule(optimizer, spec, total_steps)

@@ -10,8 +10,7 @@ from harness.space import Technique
 from harness.step import Precision
 from plugins._precision import autocast_to, set_tf32
 
-NAME = "amp-bf16"
-TECHNIQUE = Technique(axis="precision", name=NAME, description="autocast to bfloat16, float32 master weights")
+TECHNIQUE = Technique(axis="precision", name="amp-bf16", description="autocast to bfloat16, float32 master weights")
 
 
 @hookimpl
@@ -20,9 +19,7 @@ def harness_declare_techniques():
 
 
 @hookimpl
-def harness_setup_precision(model, spec, device):
-    if spec.precision.name != NAME:
-        return None
+def harness_setup_precision(device):
     set_tf32(device, True)
     return Precision(compute_dtype=torch.bfloat16, param_dtype=torch.bfloat16,
                      autocast=autocast_to(device, torch.bfloat16))

@@ -10,9 +10,8 @@ from harness.space import Float, Int, Technique
 from harness.step import Precision
 from plugins._precision import autocast_to, set_tf32
 
-NAME = "amp-fp16"
 TECHNIQUE = Technique(
-    axis="precision", name=NAME,
+    axis="precision", name="amp-fp16",
     space={"init_scale": Float(1.0, 2.0 ** 24, default=2.0 ** 16, log=True, help="initial loss scale"),
            "growth_interval": Int(10, 10000, default=2000, log=True,
                                   help="steps without overflow before the scale doubles")},
@@ -47,9 +46,7 @@ def harness_declare_techniques():
 
 
 @hookimpl
-def harness_setup_precision(model, spec, device):
-    if spec.precision.name != NAME:
-        return None
+def harness_setup_precision(spec, device):
     p = spec.precision.params
     set_tf32(device, True)
     scaler = CountingGradScaler(device.type, init_scale=p["init_scale"], growth_interval=p["growth_interval"])

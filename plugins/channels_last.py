@@ -6,8 +6,7 @@ from harness import hookimpl
 from harness.space import Requirements, Technique
 from plugins._layout import apply_channels_last
 
-NAME = "channels-last"
-TECHNIQUE = Technique(axis="compile", name=NAME, requires=Requirements(workload_kinds=("conv",)),
+TECHNIQUE = Technique(axis="compile", name="channels-last", requires=Requirements(workload_kinds=("conv",)),
                       description="eager, model and inputs in channels-last memory format")
 
 
@@ -17,8 +16,6 @@ def harness_declare_techniques():
 
 
 @hookimpl
-def harness_compile_step(step, spec, device):
-    if spec.compile.name != NAME:
-        return None
+def harness_compile_step(step):
     apply_channels_last(step)
     return step

@@ -55,7 +55,7 @@ class CapturedTrainStep:
             engine.backward(loss)
         else:
             loss = 0.0
-            for x, y in zip(inputs.chunk(n), targets.chunk(n)):
+            for x, y in zip(inputs.chunk(n), targets.chunk(n), strict=True):
                 part = self.step.forward_loss(x, y) / n
                 engine.backward(part)
                 loss = loss + part.detach()
@@ -125,8 +125,6 @@ def harness_declare_techniques():
 
 @hookimpl
 def harness_compile_step(step, spec, device):
-    if spec.compile.name != NAME:
-        return None
     if spec.compile.params["channels_last"]:
         apply_channels_last(step)
     return CapturedTrainStep(step, device, spec.compile.params["warmup_iters"])

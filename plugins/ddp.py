@@ -13,9 +13,8 @@ from harness import hookimpl
 from harness.space import Categorical, Int, Requirements, Technique
 from harness.step import Engine
 
-NAME = "ddp"
 TECHNIQUE = Technique(
-    axis="parallelism", name=NAME,
+    axis="parallelism", name="ddp",
     space={"bucket_cap_mb": Int(1, 1024, default=25, log=True, help="gradient bucket size of the all-reduce (MB)"),
            "gradient_as_bucket_view": Categorical((False, True), default=True,
                                                   help="gradients are views into the buckets (saves a copy)"),
@@ -56,8 +55,6 @@ def harness_declare_techniques():
 
 @hookimpl
 def harness_check_combination(spec):
-    if spec.parallelism.name != NAME:
-        return None
     n = spec.parallelism.params.get("accumulation_steps", 1)
     per_rank = spec.batch_size // max(spec.devices, 1)
     if n > 1 and per_rank % n:
@@ -67,7 +64,5 @@ def harness_check_combination(spec):
 
 
 @hookimpl
-def harness_build_engine(model, optimizer, precision, spec, device, dist):
-    if spec.parallelism.name != NAME:
-        return None
+def harness_build_engine(model, optimizer, precision, spec, device):
     return DDPEngine(model, optimizer, precision, device, spec.parallelism.params)

@@ -33,9 +33,8 @@ from harness.errors import TrialFailed
 from harness.space import Categorical, Int, Requirements, Technique
 from harness.step import Engine
 
-NAME = "deepspeed"
 TECHNIQUE = Technique(
-    axis="parallelism", name=NAME,
+    axis="parallelism", name="deepspeed",
     space={
         "stage": Categorical((0, 1, 2, 3), default=2, help="ZeRO stage: 1 optimizer state, 2 + gradients, "
                                                             "3 + parameters partitioned across ranks"),
@@ -211,8 +210,6 @@ def harness_declare_techniques():
 
 @hookimpl
 def harness_check_combination(spec):
-    if spec.parallelism.name != NAME:
-        return None
     p = spec.parallelism.params
     if p.get("offload_param") == "cpu" and p.get("stage") != 3:
         return f"parallelism.offload_param: 'cpu' needs ZeRO stage 3 (stage: {p.get('stage')})"
@@ -222,7 +219,5 @@ def harness_check_combination(spec):
 
 
 @hookimpl
-def harness_build_engine(model, optimizer, precision, spec, device, dist):
-    if spec.parallelism.name != NAME:
-        return None
+def harness_build_engine(model, optimizer, precision, spec, device):
     return DeepSpeedEngine(model, optimizer, precision, spec, device)

@@ -31,7 +31,7 @@ def load_split(seed: int = 0):
     return TensorSource(x[tr], y[tr]), TensorSource(x[te], y[te])
 
 
-def build(device, seed, hidden=256, depth=2, student_hidden=32):
+def build(device, seed, hidden=256, depth=2, student_hidden=32):  # noqa: ARG001 (device: the builder protocol's; the trial moves the data)
     train, test = load_split()
     torch.manual_seed(seed)
     model = mlp(hidden, depth)
@@ -44,7 +44,7 @@ def build(device, seed, hidden=256, depth=2, student_hidden=32):
 @hookimpl
 def harness_declare_workloads():
     return [WorkloadInfo(
-        name="digits", build=build, kinds=("mlp", "image"),
+        name="digits", build=build, default=True, kinds=("mlp", "image"),
         params={"hidden": Int(8, 4096, default=256, help="hidden width"),
                 "depth": Int(1, 8, default=2, help="hidden layers"),
                 "student_hidden": Int(4, 4096, default=32, help="hidden width of the distillation student")},

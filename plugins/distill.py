@@ -49,9 +49,8 @@ class Text(Categorical):
         return "text"
 
 
-NAME = "distill"
 TECHNIQUE = Technique(
-    axis="compression", name=NAME,
+    axis="compression", name="distill",
     space={
         "temperature": Float(1.0, 20.0, default=4.0, help="softmax temperature of teacher and student logits"),
         "alpha": Float(0.0, 1.0, default=0.7, help="weight of the distillation term (0: task loss only)"),
@@ -115,7 +114,7 @@ def train_teacher(model: nn.Module, workload, spec, device: torch.device) -> dic
     precision = Precision(compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                           autocast=_autocast(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    step = TrainStep(Engine(model, optimizer, precision), lambda out, y, x: workload.loss_of(out, y), precision)
+    step = TrainStep(Engine(model, optimizer, precision), lambda out, y, _inputs: workload.loss_of(out, y), precision)
     batches = workload.train.train_batches(spec.batch_size, spec.seed)
     steps, seconds = teacher_steps(spec, workload), spec.budget.seconds or 0.0
     model.train()
@@ -221,9 +220,12 @@ def harness_declare_techniques():
 
 
 @hookimpl
+def harness_declare_metrics():
+    return list(_model_stats.METRICS)
+
+
+@hookimpl
 def harness_check_combination(spec):
-    if spec.compression.name != NAME:
-        return None
     p = spec.compression.params
     if p.get("teacher_checkpoint") and not Path(p["teacher_checkpoint"]).is_file():
         return f"compression 'distill' teacher_checkpoint: no such file {p['teacher_checkpoint']!r}"
@@ -242,8 +244,6 @@ def harness_check_combination(spec):
 
 @hookimpl
 def harness_compress_before_training(model, workload, spec, device):
-    if spec.compression.name != NAME:
-        return None
     student = build_student(workload, spec).to(device)  # built first: its initialisation is the same with or
     _model_stats.remember_uncompressed_size(model, workload)  # without a teacher
     teacher = model.to(device)
@@ -256,9 +256,7 @@ def harness_compress_before_training(model, workload, spec, device):
 
 
 @hookimpl
-def harness_build_loss(model, workload, spec, device):
-    if spec.compression.name != NAME:
-        return None
+def harness_build_loss(workload, spec):
     teacher, _ = workload.info[TEACHER_KEY]
     p = spec.compression.params
     return distillation_loss(teacher, workload.loss_of, p["temperature"], p["alpha"])
@@ -266,8 +264,6 @@ def harness_build_loss(model, workload, spec, device):
 
 @hookimpl
 def harness_measure_model(model, workload, spec, device):
-    if spec.compression.name != NAME:
-        return None
     out = _model_stats.measure(model, workload, spec, device)
     teacher, info = workload.info.get(TEACHER_KEY, (None, {}))
     if info:

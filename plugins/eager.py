@@ -4,7 +4,7 @@ from __future__ import annotations
 from harness import hookimpl
 from harness.space import Technique
 
-TECHNIQUE = Technique(axis="compile", name="eager", description="plain eager PyTorch")
+TECHNIQUE = Technique(axis="compile", name="eager", default=True, description="plain eager PyTorch")
 
 
 @hookimpl

@@ -8,8 +8,7 @@ from harness.space import Technique
 from harness.step import Precision
 from plugins._precision import set_tf32
 
-NAME = "fp32"
-TECHNIQUE = Technique(axis="precision", name=NAME, description="float32 everywhere, TF32 off")
+TECHNIQUE = Technique(axis="precision", name="fp32", default=True, description="float32 everywhere, TF32 off")
 
 
 @hookimpl
@@ -18,8 +17,6 @@ def harness_declare_techniques():
 
 
 @hookimpl
-def harness_setup_precision(model, spec, device):
-    if spec.precision.name != NAME:
-        return None
+def harness_setup_precision(device):
     set_tf32(device, False)
     return Precision(compute_dtype=torch.float32, param_dtype=torch.float32)

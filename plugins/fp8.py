@@ -12,9 +12,8 @@ from harness.space import Categorical, Requirements, Technique
 from harness.step import Precision
 from plugins._precision import autocast_to, set_tf32
 
-NAME = "fp8"
 TECHNIQUE = Technique(
-    axis="precision", name=NAME,
+    axis="precision", name="fp8",
     space={"recipe": Categorical(("tensorwise", "rowwise"), default="tensorwise",
                                  help="torchao float8 scaling recipe")},
     requires=Requirements(cuda=True, min_compute_capability=(8, 9), packages=("torchao",)),
@@ -22,7 +21,7 @@ TECHNIQUE = Technique(
 )
 
 
-def float8_eligible(module: nn.Module, fqn: str) -> bool:
+def float8_eligible(module: nn.Module, _fqn: str) -> bool:
     """float8 GEMMs need both dimensions divisible by 16; smaller or odd layers (a classifier head) stay."""
     return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
@@ -34,8 +33,6 @@ def harness_declare_techniques():
 
 @hookimpl
 def harness_setup_precision(model, spec, device):
-    if spec.precision.name != NAME:
-        return None
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     set_tf32(device, True)

@@ -24,9 +24,8 @@ from harness import hookimpl
 from harness.space import Categorical, Requirements, Technique
 from harness.step import Engine
 
-NAME = "fsdp"
 TECHNIQUE = Technique(
-    axis="parallelism", name=NAME,
+    axis="parallelism", name="fsdp",
     space={"reshard_after_forward": Categorical((True, False), default=True,
                                                 help="free gathered parameters after forward (ZeRO-3 like) or "
                                                      "keep them until backward (ZeRO-2 like, more memory)"),
@@ -68,7 +67,7 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, old: dict[str, nn.Parame
 class FSDPEngine(Engine):
     """Plain backward and step on the sharded model; FSDP2 reduce-scatters gradients in its backward hooks."""
 
-    def __init__(self, model, optimizer, precision, device, params: dict):
+    def __init__(self, model, optimizer, precision, params: dict):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy_dtype = precision.compute_dtype if params["mixed_precision"] == "policy" and \
@@ -101,7 +100,5 @@ def harness_declare_techniques():
 
 
 @hookimpl
-def harness_build_engine(model, optimizer, precision, spec, device, dist):
-    if spec.parallelism.name != NAME:
-        return None
-    return FSDPEngine(model, optimizer, precision, device, spec.parallelism.params)
+def harness_build_engine(model, optimizer, precision, spec):
+    return FSDPEngine(model, optimizer, precision, spec.parallelism.params)

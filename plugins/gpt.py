@@ -14,8 +14,9 @@ from __future__ import annotations
 import functools
 import math
 import sysconfig
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -183,7 +184,7 @@ def resolve_size(params: Mapping[str, Any]) -> dict[str, int]:
     return size
 
 
-def build(device, seed, size="tiny", corpus=None, corpus_bytes=4_000_000, n_layer=None, n_embd=None, n_head=None,
+def build(device, seed, size="tiny", corpus=None, corpus_bytes=4_000_000, n_layer=None, n_embd=None, n_head=None,  # noqa: ARG001 (device: the builder protocol's; the trial moves the data)
           seq_len=None, vocab_size=None):
     shape = resolve_size({"size": size, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head,
                           "seq_len": seq_len, "vocab_size": vocab_size})

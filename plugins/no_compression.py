@@ -4,7 +4,7 @@ from __future__ import annotations
 from harness import hookimpl
 from harness.space import Technique
 
-TECHNIQUE = Technique(axis="compression", name="none", description="no compression")
+TECHNIQUE = Technique(axis="compression", name="none", default=True, description="no compression")
 
 
 @hookimpl

@@ -11,8 +11,11 @@ How it measures:
 - the energy counter is read at the boundaries of the timed region only: after the warm-up window (the device
   is synchronised there) and at the end of each timed window (whose end the runner has waited for);
   intermediate evaluations inside the timed region are subtracted, so energy and samples cover training only;
-- per window, the window's gauges are added to the ``harness_trial_window`` metrics (so trackers log them per
-  step); at the end the timed region's summary and energy go into the trial's result metrics.
+- per window, ``harness_measure_window`` returns the window's gauges (the core adds them to the metrics every
+  ``harness_trial_window`` observer sees, so trackers log them per step); ``harness_measure_trial`` returns the
+  timed region's summary and energy, which join the trial's result metrics, and records ``energy_source`` in
+  the trial's conditions. ``energy_per_sample`` is a declared metric: a study can minimise it while this plugin
+  is loaded.
 
 ``HARNESS_NVML_DEVICES=0,1`` (NVML indices or UUIDs) watches those GPUs instead of the mapped ones, whatever
 the trial's device. Without NVML, or on a trial that uses no GPU, the plugin says once per process that
@@ -27,11 +30,17 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any
 
 from harness import hookimpl
 from harness.errors import SpecError
+from harness.measure import Metric
+
+if TYPE_CHECKING:
+    from harness.trial import Trial
 
 NAME = "nvml"
 INTERVAL_ENV = "HARNESS_NVML_INTERVAL_S"
@@ -39,8 +48,7 @@ DEVICES_ENV = "HARNESS_NVML_DEVICES"
 DEFAULT_INTERVAL_S = 0.1
 
 log = logging.getLogger("harness.nvml")
-_said: set[str] = set()  # "telemetry unavailable" is said once per process
-_sessions: dict[int, "Telemetry"] = {}  # id(trial) -> its telemetry
+_said: set[str] = set()  # "telemetry unavailable" is said once per process, whatever the registry
 
 
 # ============================================================================================ configuration
@@ -140,7 +148,7 @@ def window_metrics(samples: Sequence[Sample]) -> dict[str, float]:
 
 def integrate_power_j(samples: Sequence[Sample]) -> float:
     """Energy by the trapezoidal rule over the samples' power (when the GPU has no energy counter)."""
-    return sum((b.t - a.t) * (a.power_w + b.power_w) / 2 for a, b in zip(samples, samples[1:]))
+    return sum((b.t - a.t) * (a.power_w + b.power_w) / 2 for a, b in pairwise(samples))
 
 
 @dataclass
@@ -338,21 +346,76 @@ def open_devices(nvml, trial) -> tuple[list, str]:
     return [all_handles[i] for i in dict.fromkeys(chosen)], ""
 
 
-# ============================================================================================ hooks
-@hookimpl
-def harness_study_start(study, config):
-    interval_s()  # a bad HARNESS_NVML_INTERVAL_S is the user's to fix before any trial runs
+# ============================================================================================ the plugin
+class NvmlTelemetry:
+    """The ``nvml`` plugin. The registry makes one instance per process; it holds the NVML session of the trial
+    this process runs (rank 0, one trial at a time), opened at trial start and closed when its metrics are
+    measured."""
+
+    def __init__(self) -> None:
+        self._session: Telemetry | None = None
+
+    @hookimpl
+    def harness_declare_metrics(self) -> list[Metric]:
+        return [Metric("energy_per_sample", "energy_per_sample_j", "J", "minimize",
+                       help="GPU energy per training sample over the timed windows (NVML energy counter)")]
+
+    @hookimpl
+    def harness_study_start(self) -> None:
+        interval_s()  # a bad HARNESS_NVML_INTERVAL_S is the user's to fix before any trial runs
+
+    @hookimpl
+    def harness_trial_start(self, trial: Trial) -> None:
+        self._close()  # a session a failed trial left open
+        if trial.dist.is_main:
+            self._session = open_session(trial)
+
+    @hookimpl
+    def harness_measure_window(self, step: int, phase: str) -> dict[str, float] | None:
+        return self._session.on_window(step, phase) if self._session is not None else None
+
+    @hookimpl
+    def harness_trial_evaluated(self, trial: Trial) -> None:
+        if self._session is not None and getattr(trial, "phase", None) == "timed":
+            self._session.on_evaluated()
+
+    @hookimpl
+    def harness_measure_trial(self, trial: Trial) -> dict[str, float] | None:
+        session = self._session
+        if session is None:
+            return None
+        session.stop()
+        try:
+            metrics, source = session.result_metrics(trial.spec.batch_size, trial.metrics.get("timed_steps"))
+        finally:
+            self._close()
+        if source:
+            # how the energy was measured is a condition of the figure (like the device), not a metric
+            trial.conditions["energy_source"] = source
+        return metrics
+
+    @hookimpl
+    def harness_trial_end(self) -> None:
+        self._close()  # measure_trial closes it; this covers a trial whose measurements never ran
+
+    def _close(self) -> None:
+        session, self._session = self._session, None
+        if session is None:
+            return
+        session.stop()
+        try:
+            session.nvml.nvmlShutdown()
+        except Exception:  # shutting down is best effort: the process ends soon anyway
+            pass
 
 
-@hookimpl
-def harness_trial_start(trial):
-    if not trial.dist.is_main:
-        return
+def open_session(trial: Trial) -> Telemetry | None:
+    """Start sampling the trial's GPUs, or say (once per process) why there is no telemetry and return None."""
     interval = interval_s()
     nvml, reason = _import_nvml()
     if nvml is None:
         say_unavailable(reason)
-        return
+        return None
     try:
         handles, reason = open_devices(nvml, trial)
     except Exception:
@@ -361,40 +424,7 @@ def harness_trial_start(trial):
     if not handles:
         nvml.nvmlShutdown()
         say_unavailable(reason)
-        return
+        return None
     session = Telemetry(nvml, handles, interval)
-    _sessions[id(trial)] = session
     session.start()
-
-
-@hookimpl(tryfirst=True)
-def harness_trial_window(trial, step, metrics):
-    # tryfirst: the gauges join ``metrics`` before trackers (MLflow) read them.
-    session = _sessions.get(id(trial))
-    if session is not None:
-        metrics.update(session.on_window(step, metrics.get("phase", "timed")))
-
-
-@hookimpl
-def harness_trial_evaluated(trial, step, metrics):
-    session = _sessions.get(id(trial))
-    if session is not None and getattr(trial, "phase", None) == "timed":
-        session.on_evaluated()
-
-
-@hookimpl(tryfirst=True)
-def harness_trial_end(trial, result):
-    session = _sessions.pop(id(trial), None)
-    if session is None:
-        return
-    session.stop()
-    try:
-        metrics, source = session.result_metrics(trial.spec.batch_size, result.metrics.get("timed_steps"))
-        result.metrics.update(metrics)
-        if source:
-            result.conditions["energy_source"] = source
-    finally:
-        try:
-            session.nvml.nvmlShutdown()
-        except Exception:  # shutting down is best effort: the process ends soon anyway
-            pass
+    return session

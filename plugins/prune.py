@@ -24,9 +24,8 @@ from harness import hookimpl
 from harness.space import Categorical, Float, Int, Technique
 from plugins import _model_stats
 
-NAME = "prune"
 TECHNIQUE = Technique(
-    axis="compression", name=NAME,
+    axis="compression", name="prune",
     space={
         "method": Categorical(("magnitude", "structured", "2:4"), default="magnitude",
                               help="magnitude (global unstructured L1), structured (channels / neurons, L2), "
@@ -97,7 +96,7 @@ def magnitude_masks(modules: list[nn.Module], sparsity: float) -> list[torch.Ten
     n_zero = int(round(sparsity * scores.numel()))
     if n_zero:
         keep[torch.topk(scores, n_zero, largest=False).indices] = 0
-    return [k.view_as(w) for k, w in zip(keep.split([w.numel() for w in weights]), weights)]
+    return [k.view_as(w) for k, w in zip(keep.split([w.numel() for w in weights]), weights, strict=True)]
 
 
 def structured_masks(modules: list[nn.Module], sparsity: float) -> list[torch.Tensor]:
@@ -150,7 +149,7 @@ def apply_pruning(model: nn.Module, method: str, sparsity: float) -> list[nn.Mod
         for m in modules:
             torch_prune.ln_structured(m, "weight", amount=sparsity, n=2, dim=0)
     else:
-        for m, mask in zip(modules, semi_structured_masks(modules)):
+        for m, mask in zip(modules, semi_structured_masks(modules), strict=True):
             torch_prune.custom_from_mask(m, "weight", mask)
     return modules
 
@@ -158,7 +157,7 @@ def apply_pruning(model: nn.Module, method: str, sparsity: float) -> list[nn.Mod
 def update_masks(modules: list[nn.Module], method: str, sparsity: float) -> None:
     """Recompute masks in place (so captured or compiled graphs that read them see the change)."""
     with torch.no_grad():
-        for m, mask in zip(modules, compute_masks(modules, method, sparsity)):
+        for m, mask in zip(modules, compute_masks(modules, method, sparsity), strict=True):
             m.weight_mask.copy_(mask)
             m.weight = m.weight_orig * m.weight_mask  # what the next forward's pre-hook would compute
 
@@ -216,9 +215,12 @@ def harness_declare_techniques():
 
 
 @hookimpl
+def harness_declare_metrics():
+    return list(_model_stats.METRICS)
+
+
+@hookimpl
 def harness_check_combination(spec, env):
-    if spec.compression.name != NAME:
-        return None
     p = spec.compression.params
     if p.get("method") == "2:4":
         if spec.device == "cpu" or not env.cuda or (env.compute_capability or (0, 0)) < (8, 0):
@@ -232,9 +234,7 @@ def harness_check_combination(spec, env):
 
 
 @hookimpl
-def harness_compress_before_training(model, workload, spec, device):
-    if spec.compression.name != NAME:
-        return None
+def harness_compress_before_training(model, workload, spec):
     _model_stats.remember_uncompressed_size(model, workload)
     p = spec.compression.params
     if p["when"] == "before":
@@ -251,7 +251,7 @@ def harness_compress_before_training(model, workload, spec, device):
 @hookimpl
 def harness_trial_start(trial):
     state = trial.workload.info.get(STATE_KEY) if trial.workload is not None else None
-    if trial.spec.compression.name != NAME or trial.spec.compression.params["when"] != "gradual" or state is None:
+    if trial.spec.compression.params["when"] != "gradual" or state is None:
         return
     p, budget = trial.spec.compression.params, trial.spec.budget
     total = trial.total_steps
@@ -264,7 +264,7 @@ def harness_trial_start(trial):
             return state.steps / (end_fraction * total)
         return (time.perf_counter() - state.started_s) / (end_fraction * (budget.seconds or 1.0))
 
-    def after_optimizer_step(optimizer, args, kwargs):
+    def after_optimizer_step(*_: object) -> None:  # torch passes (optimizer, args, kwargs)
         state.steps += 1
         if state.steps % every == 0 and state.sparsity_now < state.target_sparsity:
             state.sparsity_now = cubic_sparsity(state.target_sparsity, progress())
@@ -275,8 +275,6 @@ def harness_trial_start(trial):
 
 @hookimpl
 def harness_compress_after_training(model, trainer, workload, spec, device):
-    if spec.compression.name != NAME:
-        return None
     p = spec.compression.params
     state = workload.info.get(STATE_KEY)
     if p["when"] == "after":
@@ -300,8 +298,6 @@ def harness_compress_after_training(model, trainer, workload, spec, device):
 
 @hookimpl
 def harness_measure_model(model, workload, spec, device):
-    if spec.compression.name != NAME:
-        return None
     out = _model_stats.measure(model, workload, spec, device, sparse=True)
     if "semi_structured_layers" in workload.info:
         out["semi_structured_layers"] = workload.info["semi_structured_layers"]

@@ -26,9 +26,8 @@ from harness import hookimpl
 from harness.space import Categorical, Technique, package_available
 from plugins import _model_stats
 
-NAME = "quantize"
 TECHNIQUE = Technique(
-    axis="compression", name=NAME,
+    axis="compression", name="quantize",
     space={
         "method": Categorical(("dynamic-int8", "int8-weight-only", "qat"), default="dynamic-int8",
                               help="dynamic-int8 (post-training, CPU kernels), int8-weight-only (torchao), "
@@ -139,9 +138,12 @@ def harness_declare_techniques():
 
 
 @hookimpl
+def harness_declare_metrics():
+    return list(_model_stats.METRICS)
+
+
+@hookimpl
 def harness_check_combination(spec):
-    if spec.compression.name != NAME:
-        return None
     method = spec.compression.params.get("method")
     if method == "int8-weight-only" and not package_available("torchao"):
         return "compression 'quantize' method 'int8-weight-only' requires the package 'torchao', which is " \
@@ -153,9 +155,7 @@ def harness_check_combination(spec):
 
 
 @hookimpl
-def harness_compress_before_training(model, workload, spec, device):
-    if spec.compression.name != NAME:
-        return None
+def harness_compress_before_training(model, workload, spec):
     _model_stats.remember_uncompressed_size(model, workload)
     if spec.compression.params["method"] == "qat":
         return prepare_qat(model)
@@ -163,9 +163,7 @@ def harness_compress_before_training(model, workload, spec, device):
 
 
 @hookimpl
-def harness_compress_after_training(model, trainer, workload, spec, device):
-    if spec.compression.name != NAME:
-        return None
+def harness_compress_after_training(model, spec, device):
     method = spec.compression.params["method"]
     if method == "int8-weight-only":
         return int8_weight_only(model, inference_dtype(spec.compression.params, device))
@@ -175,7 +173,5 @@ def harness_compress_after_training(model, trainer, workload, spec, device):
 
 @hookimpl
 def harness_measure_model(model, workload, spec, device):
-    if spec.compression.name != NAME:
-        return None
     with _quiet():
         return _model_stats.measure(model, workload, spec, device)

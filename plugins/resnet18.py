@@ -8,11 +8,10 @@ from torch.nn import functional as F
 
 from harness import hookimpl
 from harness.space import Int
-from harness.workload import Workload, WorkloadInfo
-from plugins._cifar import DATA_PARAMS, INPUT_SHAPE, data_sources, validate_data_params
+from harness.workload import Workload
+from plugins._cifar import INPUT_SHAPE, KINDS, cifar_workload, data_sources
 
 NAME = "resnet18"
-KINDS = ("conv", "image")
 
 
 class BasicBlock(nn.Module):
@@ -66,7 +65,7 @@ def resnet10(width: int = 32) -> ResNet:
     return ResNet((1, 1, 1, 1), width)
 
 
-def build(device, seed, data_dir=None, synthetic_samples=8192, synthetic_test_samples=1024, width=64,
+def build(device, seed, data_dir=None, synthetic_samples=8192, synthetic_test_samples=1024, width=64,  # noqa: ARG001 (device: the builder protocol's; the trial moves the data)
           student_width=None):
     train, test, source = data_sources(seed, data_dir, synthetic_samples, synthetic_test_samples)
     torch.manual_seed(seed)
@@ -78,11 +77,9 @@ def build(device, seed, data_dir=None, synthetic_samples=8192, synthetic_test_sa
 
 @hookimpl
 def harness_declare_workloads():
-    return [WorkloadInfo(
-        name=NAME, build=build, kinds=KINDS, validate=validate_data_params,
-        params={**DATA_PARAMS,
-                "width": Int(4, 512, default=64, help="channels of the first stage (doubling per stage)"),
-                "student_width": Int(2, 512, help="first-stage channels of the ResNet-10 student "
-                                                   "(default: width / 2)")},
+    return [cifar_workload(
+        NAME, build,
+        {"width": Int(4, 512, default=64, help="channels of the first stage (doubling per stage)"),
+         "student_width": Int(2, 512, help="first-stage channels of the ResNet-10 student (default: width / 2)")},
         description="ResNet-18, CIFAR stem; CIFAR-10 (data_dir) or synthetic CIFAR-shaped data",
     )]

@@ -10,9 +10,8 @@ from harness import hookimpl
 from harness.space import Categorical, Float, Technique
 from plugins._optim import build_schedule, common_space, implementation_kwargs, implementation_unavailable
 
-NAME = "rmsprop"
 TECHNIQUE = Technique(
-    axis="optimizer", name=NAME,
+    axis="optimizer", name="rmsprop",
     space={**common_space(lr=1e-3, lr_low=1e-5, lr_high=1e-1),
            "alpha": Float(0.8, 0.999, default=0.99, help="smoothing constant of the squared-gradient average"),
            "eps": Float(1e-10, 1e-6, default=1e-8, log=True, help="numerical-stability term"),
@@ -29,19 +28,16 @@ def harness_declare_techniques():
 
 @hookimpl
 def harness_check_combination(spec, env):
-    return implementation_unavailable(torch.optim.RMSprop, NAME, spec, env)
+    return implementation_unavailable(torch.optim.RMSprop, spec, env)
 
 
 @hookimpl
-def harness_build_optimizer(params, spec, device):
-    if spec.optimizer.name != NAME:
-        return None
+def harness_build_optimizer(params, spec):
     p = spec.optimizer.params
     return torch.optim.RMSprop(params, lr=p["lr"], alpha=p["alpha"], eps=p["eps"], weight_decay=p["weight_decay"],
-                               momentum=p["momentum"], centered=bool(p["centered"]),
-                               **implementation_kwargs(p, device))
+                               momentum=p["momentum"], centered=bool(p["centered"]), **implementation_kwargs(p))
 
 
 @hookimpl
 def harness_build_lr_scheduler(optimizer, spec, total_steps):
-    return build_schedule(optimizer, spec, total_steps, NAME)
+    return build_schedule(optimizer, spec, total_steps)

@@ -7,11 +7,10 @@ from torch import nn
 
 from harness import hookimpl
 from harness.space import Int
-from harness.workload import Workload, WorkloadInfo
-from plugins._cifar import DATA_PARAMS, INPUT_SHAPE, data_sources, validate_data_params
+from harness.workload import Workload
+from plugins._cifar import INPUT_SHAPE, KINDS, cifar_workload, data_sources
 
 NAME = "seed-cnn"
-KINDS = ("conv", "image")
 
 
 def seed_cnn(width: int = 32, hidden: int = 128, classes: int = 10) -> nn.Sequential:
@@ -30,7 +29,7 @@ def training_flops_per_sample(width: int = 32, hidden: int = 128, classes: int =
     return 6.0 * macs
 
 
-def build(device, seed, data_dir=None, synthetic_samples=8192, synthetic_test_samples=1024, width=32,
+def build(device, seed, data_dir=None, synthetic_samples=8192, synthetic_test_samples=1024, width=32,  # noqa: ARG001 (device: the builder protocol's; the trial moves the data)
           hidden=128, student_width=None, student_hidden=None):
     train, test, source = data_sources(seed, data_dir, synthetic_samples, synthetic_test_samples)
     torch.manual_seed(seed)
@@ -43,12 +42,11 @@ def build(device, seed, data_dir=None, synthetic_samples=8192, synthetic_test_sa
 
 @hookimpl
 def harness_declare_workloads():
-    return [WorkloadInfo(
-        name=NAME, build=build, kinds=KINDS, validate=validate_data_params,
-        params={**DATA_PARAMS,
-                "width": Int(4, 1024, default=32, help="channels of the first conv (the second has twice)"),
-                "hidden": Int(8, 8192, default=128, help="width of the hidden linear layer"),
-                "student_width": Int(2, 1024, help="first-conv channels of the student (default: width / 2)"),
-                "student_hidden": Int(4, 8192, help="hidden width of the student (default: hidden / 2)")},
+    return [cifar_workload(
+        NAME, build,
+        {"width": Int(4, 1024, default=32, help="channels of the first conv (the second has twice)"),
+         "hidden": Int(8, 8192, default=128, help="width of the hidden linear layer"),
+         "student_width": Int(2, 1024, help="first-conv channels of the student (default: width / 2)"),
+         "student_hidden": Int(4, 8192, help="hidden width of the student (default: hidden / 2)")},
         description="two-conv CNN of the seed example; CIFAR-10 (data_dir) or synthetic CIFAR-shaped data",
     )]

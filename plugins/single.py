@@ -5,8 +5,7 @@ from harness import hookimpl
 from harness.space import Requirements, Technique
 from harness.step import Engine
 
-NAME = "single"
-TECHNIQUE = Technique(axis="parallelism", name=NAME, requires=Requirements(max_devices=1),
+TECHNIQUE = Technique(axis="parallelism", name="single", default=True, requires=Requirements(max_devices=1),
                       description="one process on one device")
 
 
@@ -16,7 +15,5 @@ def harness_declare_techniques():
 
 
 @hookimpl
-def harness_build_engine(model, optimizer, precision, spec, device, dist):
-    if spec.parallelism.name != NAME:
-        return None
+def harness_build_engine(model, optimizer, precision):
     return Engine(model, optimizer, precision)

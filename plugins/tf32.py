@@ -9,8 +9,7 @@ from harness.space import Technique
 from harness.step import Precision
 from plugins._precision import set_tf32
 
-NAME = "tf32"
-TECHNIQUE = Technique(axis="precision", name=NAME, description="float32 storage, TF32 matmul/conv math")
+TECHNIQUE = Technique(axis="precision", name="tf32", description="float32 storage, TF32 matmul/conv math")
 
 
 @hookimpl
@@ -19,9 +18,7 @@ def harness_declare_techniques():
 
 
 @hookimpl
-def harness_setup_precision(model, spec, device):
-    if spec.precision.name != NAME:
-        return None
+def harness_setup_precision(device):
     set_tf32(device, True)
     # On a CPU there is no TF32: the math stays float32, and MFU is not computed for CPUs anyway.
     return Precision(compute_dtype="tf32" if device.type == "cuda" else torch.float32, param_dtype=torch.float32)

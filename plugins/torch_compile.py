@@ -9,10 +9,9 @@ from harness import hookimpl
 from harness.space import Categorical, Technique
 from plugins._layout import apply_channels_last
 
-NAME = "torch-compile"
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TECHNIQUE = Technique(
-    axis="compile", name=NAME,
+    axis="compile", name="torch-compile",
     space={"mode": Categorical(MODES, default="default", help="torch.compile mode"),
            "fullgraph": Categorical((False, True), default=False,
                                     help="fail instead of falling back to eager at graph breaks"),
@@ -33,9 +32,7 @@ def harness_declare_techniques():
 
 
 @hookimpl
-def harness_compile_step(step, spec, device):
-    if spec.compile.name != NAME:
-        return None
+def harness_compile_step(step, spec):
     p = spec.compile.params
     if p["channels_last"]:
         apply_channels_last(step)

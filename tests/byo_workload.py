@@ -11,7 +11,8 @@ from harness.workload import TensorSource, Workload
 
 
 def two_moons(device=None, seed: int = 0, samples: int = 512, hidden: int = 32, noise: float = 0.1):
-    """Two interleaved half-circles (a classic non-linear toy problem), 3/4 train, 1/4 held out, and an MLP."""
+    """Two interleaved half-circles (a classic non-linear toy problem), 3/4 train, 1/4 held out, and an MLP, built
+    on ``device`` (the harness passes the trial's device; None: the CPU)."""
     gen = torch.Generator().manual_seed(7)
     labels = torch.randint(0, 2, (samples,), generator=gen)
     angle = torch.rand(samples, generator=gen) * math.pi
@@ -21,6 +22,7 @@ def two_moons(device=None, seed: int = 0, samples: int = 512, hidden: int = 32, 
     split = samples * 3 // 4
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 2))
+    x, labels, model = x.to(device), labels.to(device), model.to(device)
     return Workload(name="two-moons", model=model, train=TensorSource(x[:split], labels[:split]),
                     test=TensorSource(x[split:], labels[split:]), kinds=("mlp",), input_shape=(2,),
                     info={"built_by": __name__})

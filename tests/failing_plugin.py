@@ -44,8 +44,6 @@ class _NaNOutputs(nn.Module):
 
 @hookimpl
 def harness_compress_before_training(model, spec):
-    if spec.compression.name != "fault":
-        return None
     mode = spec.compression.params["mode"]
     if mode == "raise":
         raise RuntimeError("injected plugin bug")
@@ -61,8 +59,6 @@ def harness_compress_before_training(model, spec):
 
 
 @hookimpl
-def harness_compile_step(step, spec):
-    if spec.compile.name != "needs-cuda":
-        return None
+def harness_compile_step(step):
     Path("launched-needs-cuda").write_text("this trial should never have been launched\n")
     return step

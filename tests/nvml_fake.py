@@ -81,7 +81,7 @@ class FakeNVML:
             self.returned[fn].append((handle, value))
         return value
 
-    def install(self, monkeypatch) -> "FakeNVML":
+    def install(self, monkeypatch) -> FakeNVML:
         import pynvml
 
         def check(handle):
@@ -103,6 +103,10 @@ class FakeNVML:
             check(h)
             base = self.recorded["uuid"]
             return base[:-2] + f"{h:02d}"
+
+        def name(h):
+            check(h)
+            return self.recorded["name"]
 
         def power(h):
             check(h)
@@ -136,16 +140,16 @@ class FakeNVML:
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
             return self._next("nvmlDeviceGetTotalEnergyConsumption", h, "energy_mj")
 
-        for name, fn in {
+        for fn_name, fn in {
             "nvmlInit": init, "nvmlShutdown": shutdown, "nvmlDeviceGetCount": lambda: self.devices,
             "nvmlDeviceGetHandleByIndex": handle_by_index, "nvmlDeviceGetUUID": uuid,
-            "nvmlDeviceGetName": lambda h: self.recorded["name"],
+            "nvmlDeviceGetName": name,
             "nvmlSystemGetDriverVersion": lambda: self.recorded["driver"],
             "nvmlDeviceGetPowerUsage": power, "nvmlDeviceGetUtilizationRates": util,
             "nvmlDeviceGetMemoryInfo": memory, "nvmlDeviceGetClockInfo": clock,
             "nvmlDeviceGetTemperature": temperature, "nvmlDeviceGetTotalEnergyConsumption": energy,
         }.items():
-            monkeypatch.setattr(pynvml, name, fn)
+            monkeypatch.setattr(pynvml, fn_name, fn)
         return self
 
     def values(self, fn: str, device: int = 0) -> list:

@@ -96,7 +96,7 @@ def test_magnitude_pruning_zeroes_exactly_half_and_the_zeros_survive_finetuning(
         opt.step()
         opt.zero_grad()
     prune.make_permanent(modules)
-    for m, zeros, old in zip(modules, zeros_before, before):
+    for m, zeros, old in zip(modules, zeros_before, before, strict=True):
         assert not hasattr(m, "weight_mask") and isinstance(m.weight, nn.Parameter)  # masks folded in
         assert torch.equal(m.weight == 0, zeros)  # the same entries, still exactly zero
         assert not torch.equal(m.weight.detach(), old)  # and the others did train
@@ -119,18 +119,21 @@ def test_pruning_after_training_with_finetuning_reports_half_sparse_weights():
 def test_gradual_pruning_reaches_its_sparsity_on_a_cubic_schedule():
     assert prune.cubic_sparsity(0.8, 0.0) == 0.0 and prune.cubic_sparsity(0.8, 1.0) == pytest.approx(0.8)
     assert prune.cubic_sparsity(0.8, 0.5) == pytest.approx(0.8 * (1 - 0.125))
-    seen = []
-
-    class Watch:
-        @staticmethod
-        def harness_trial_window(trial, step, metrics):
-            seen.append(trial.workload.info["prune_state"].sparsity_now)
-
     from harness import hookimpl
     from harness.plugins import get_registry
 
-    Watch.harness_trial_window = hookimpl(Watch.harness_trial_window)
+    class Watch:
+        """An observer (declares nothing): the sparsity of the pruned model at every window."""
+
+        def __init__(self):
+            self.seen = []
+
+        @hookimpl
+        def harness_trial_window(self, trial):
+            self.seen.append(trial.workload.info["prune_state"].sparsity_now)
+
     registry = get_registry(extra=[Watch])
+    seen = registry.plugin("Watch").seen
     spec = make_spec(registry=registry, compression={"name": "prune", "when": "gradual", "sparsity": 0.75,
                                                      "update_every_steps": 5}, budget={"steps": 100, "windows": 4})
     trial = Trial(spec, registry)
@@ -288,3 +291,24 @@ def test_dynamic_int8_on_a_gpu_trial_runs_on_the_cpu_and_says_so():
     result = run_one_trial(make_spec(device="cuda", compression={"name": "quantize"}, budget={"steps": 60}))
     assert result.ok, result.message
     assert result.metrics["inference_on_cpu"] == 1.0
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+def test_compression_hooks_reach_only_the_selected_compression_plugin(run_trial, hook_recorder, tmp_path,
+                                                                      monkeypatch):
+    """The compression axis's hooks run on its technique's plugin alone, and what they return is used: the loss
+    of ``harness_build_loss`` trains the student, the model of ``harness_compress_after_training`` is evaluated."""
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    recorder = hook_recorder()
+    distilled = run_trial.ok(compression={"name": "distill", "alpha": 1.0, "teacher_steps": 60},
+                             budget={"steps": 30})
+    assert recorder.plugins_called("build_loss") == {"distill"}
+    (call,) = recorder.calls_of("build_loss")
+    assert callable(call.result)  # the distillation loss, which the student trained on (alpha 1: no labels)
+    assert "accuracy_teacher" in distilled.metrics
+    recorder.clear()
+    pruned = run_trial.ok(compression={"name": "prune", "sparsity": 0.5, "when": "after", "finetune_steps": 5},
+                          budget={"steps": 30})
+    assert recorder.plugins_called("compress_after_training") == {"prune"}
+    assert "accuracy_uncompressed" in pruned.metrics  # the returned model was evaluated again
+    assert pruned.metrics["nonzero_parameter_count"] < pruned.metrics["parameter_count"]

@@ -41,7 +41,7 @@ def test_cuda_graph_step_matches_eager_losses(optimizer):
     progress = eager[0] - min(eager)
     assert progress > 0
     assert graph[0] == pytest.approx(eager[0], rel=1e-6)
-    drift = max(abs(g - e) for g, e in zip(graph, eager))
+    drift = max(abs(g - e) for g, e in zip(graph, eager, strict=True))
     assert drift < 0.05 * progress, (drift, progress)
 
 

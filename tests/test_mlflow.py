@@ -1,7 +1,7 @@
 """The ``mlflow`` plugin against a real ``mlflow server`` on loopback: a study through the real driver (``harness
 study``) read back with MlflowClient (parent/child links, params, per-step and final metrics, statuses for
 COMPLETE / FAIL / PRUNED, tags, artifacts), a child left RUNNING by a killed driver closed FAILED on resume,
-standalone runs of ``harness run``, disabling by name, and bad tracking settings."""
+standalone runs of ``harness run``, disabling by name, bad tracking settings, and per-registry plugin state."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import psutil
@@ -20,7 +21,12 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from harness.errors import SpecError
+from harness.outcomes import TrialRecord
+from harness.plugins import get_registry
 from harness.space import Environment
+from harness.step import DistInfo
+from harness.testing import make_spec
 
 pytestmark = pytest.mark.slow
 
@@ -173,7 +179,7 @@ def test_failed_and_pruned_trials_carry_class_and_message(study_run):
     (rec, run), = by_state(study_run, "FAIL")
     assert run.data.tags["harness.failure_class"] == "plugin-error"
     assert "injected plugin bug" in run.data.tags["harness.failure_message"]
-    for rec, run in by_state(study_run, "PRUNED"):
+    for _rec, run in by_state(study_run, "PRUNED"):
         assert run.data.tags["harness.failure_class"] == "infeasible"
         assert "requires CUDA" in run.data.tags["harness.failure_message"]
         assert run.data.tags["pareto"] == "false"
@@ -201,7 +207,7 @@ def test_complete_trial_has_step_metrics_final_metrics_and_objectives(study_run)
 
 def test_artifacts_spec_on_children_and_report_on_parent(study_run):
     client, tmp = study_run["client"], study_run["tmp"]
-    for number, run in study_run["children"].items():
+    for run in study_run["children"].values():
         names = [a.path for a in client.list_artifacts(run.info.run_id)]
         assert "trial_spec.json" in names
     (rec, run), = by_state(study_run, "COMPLETE")
@@ -277,15 +283,88 @@ def test_disabled_by_name_nothing_is_logged(server, tmp_path):
     assert MlflowClient(tracking_uri=server).get_experiment_by_name("disabled-test") is None
 
 
-def test_unknown_tracking_key_is_a_one_line_spec_error(server, tmp_path):
+def test_unknown_tracking_key_is_a_one_line_spec_error_before_any_storage(server, tmp_path):
     path = study_file(tmp_path, "badkey", server, mlflow={"experimnt": "x"})
     proc = harness(["study", path], tmp_path)
     assert proc.returncode == 2
-    assert "mlflow: unknown key 'experimnt' (allowed: experiment, tracking_uri, artifact_location)" in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if "experimnt" in line]
+    assert line.endswith("mlflow.experimnt: unknown key (allowed: experiment, tracking_uri, artifact_location); "
+                         "did you mean 'experiment'?")
+    assert not (tmp_path / "optuna.db").exists()  # the section is checked before the storage is opened
+    assert MlflowClient(tracking_uri=server).get_experiment_by_name("x") is None
+
+
+def test_a_tracking_value_that_is_not_a_string_is_a_spec_error(server, tmp_path):
+    path = study_file(tmp_path, "badvalue", server, mlflow={"experiment": ["a", "b"]})
+    proc = harness(["study", path], tmp_path)
+    assert proc.returncode == 2
+    assert "mlflow.experiment: expected a non-empty string, got ['a', 'b']" in proc.stderr
+
+
+def test_two_registries_keep_their_own_tracking_state(server, tmp_path):
+    first, second = get_registry(), get_registry()
+    assert first.plugin("mlflow") is not second.plugin("mlflow")
+    # driver side: only the registry whose study started creates runs
+    study = optuna.create_study(study_name="two", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    objective = SimpleNamespace(metric="throughput", key="throughput_samples_per_s", direction="maximize")
+    config = SimpleNamespace(name="two", path="two.yaml", workload="digits", objectives=[objective],
+                             settings={"mlflow": {"experiment": "exp-two", "tracking_uri": server}})
+    first.hooks.study_start(study=study, config=config)
+    spec = make_spec(workload="digits")
+    tags = first.hooks.trial_launch(spec=spec, trial_number=0, study=study)
+    assert tags["mlflow.tracking_uri"] == server and tags["mlflow.run_id"]
+    assert second.hooks.trial_launch(spec=spec, trial_number=0, study=study) == {}
+    assert spec.tags == {}  # the tags are returned, not written into the spec
+    # worker side: each registry buffers its own trial's step metrics; ending one leaves the other's alone
+    spec.tags.update(tags)
+    trial = SimpleNamespace(spec=spec, dist=DistInfo(), phase="timed")
+    result = SimpleNamespace(ok=True, status="ok", metrics={}, message="", conditions={})
+    first.hooks.trial_start(trial=trial)
+    second.hooks.trial_start(trial=trial)
+    first.hooks.trial_window(trial=trial, step=3, metrics={"train_loss": 0.5, "phase": "timed"})
+    second.hooks.trial_end(trial=trial, result=result)
+    assert not Path(tags["mlflow.step_metrics_file"]).exists()  # the second registry had nothing to write
+    first.hooks.trial_end(trial=trial, result=result)
+    lines = Path(tags["mlflow.step_metrics_file"]).read_text().splitlines()
+    assert [json.loads(line)[0::3] for line in lines] == [["train_loss", 3]]
+    # driver side again: the first registry's study closes the child run with the worker's step metrics
+    record = TrialRecord(number=0, state="COMPLETE", metrics={"throughput_samples_per_s": 123.0, "steps": 3},
+                         spec_hash=spec.spec_hash())
+    second.hooks.trial_finished(spec=spec, record=record, study=study)
+    first.hooks.trial_finished(spec=spec, record=record, study=study)
+    client = MlflowClient(tracking_uri=server)
+    child = client.get_run(tags["mlflow.run_id"])
+    assert child.info.status == "FINISHED" and child.data.tags["harness.state"] == "COMPLETE"
+    assert child.data.metrics["throughput"] == child.data.metrics["throughput_samples_per_s"] == 123.0
+    assert [(p.step, p.value) for p in client.get_metric_history(child.info.run_id, "train_loss")] == [(3, 0.5)]
+    second.hooks.study_end(study=study, config=config, records=[record], pareto=[record], output_dir=tmp_path)
+    (parent,) = [r for r in runs_of(client, "exp-two") if r.data.tags.get("harness.role") == "study"]
+    assert parent.info.status == "RUNNING"  # the second registry never started this study
+    first.hooks.study_end(study=study, config=config, records=[record], pareto=[record], output_dir=tmp_path)
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert client.get_run(child.info.run_id).data.tags["pareto"] == "true"
+    # no report was written to output_dir: the plugin attaches one made by harness.report.write_trials_csv
+    trials_csv = client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))
+    assert Path(trials_csv).read_text().splitlines()[1].startswith("0,COMPLETE")
+
+
+def test_the_mlflow_section_is_declared_by_the_plugin_and_validated_by_it():
+    registry = get_registry()
+    assert "harness_declare_study_settings" in registry.records["mlflow"].hooks
+    setting = registry.settings["mlflow"]
+    assert setting.plugin == "mlflow" and "tracking_uri" in setting.help
+    kept = setting.validate("s.yaml.mlflow", {"experiment": "e", "tracking_uri": "http://127.0.0.1:1"})
+    assert kept == {"experiment": "e", "tracking_uri": "http://127.0.0.1:1"}
+    with pytest.raises(SpecError, match=r"^s\.yaml\.mlflow\.artifact_locaton: unknown key \(allowed: experiment, "
+                                        r"tracking_uri, artifact_location\); did you mean 'artifact_location'\?$"):
+        setting.validate("s.yaml.mlflow", {"artifact_locaton": "/tmp/a"})
+    with pytest.raises(SpecError, match=r"^s\.yaml\.mlflow: expected a mapping"):
+        setting.validate("s.yaml.mlflow", "http://127.0.0.1:1")
+    assert "mlflow" not in get_registry(disable=["mlflow"]).settings
 
 
 def test_step_metrics_file_skips_a_torn_last_line(tmp_path):
-    from plugins.mlflow_tracking import read_step_metrics
+    from plugins.mlflow_tracking.driver import read_step_metrics
 
     path = tmp_path / "run.jsonl"
     path.write_text('["train_loss", 0.5, 1700000000000, 3]\n["lr", 0.001, 1700000000001, 3]\n["train_lo')

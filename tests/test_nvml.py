@@ -1,11 +1,12 @@
 """The ``nvml`` telemetry plugin: energy over the timed window, sample aggregation, per-window gauges, GPU
-mapping and the "telemetry unavailable" path, driven on the CPU by a recorded fake of NVML (tests/nvml_fake.py)
-and, on a GPU machine, by the real NVML."""
+mapping, the "telemetry unavailable" path, its declared ``energy_per_sample`` metric and its per-registry state,
+driven on the CPU by a recorded fake of NVML (tests/nvml_fake.py) and, on a GPU machine, by the real NVML."""
 from __future__ import annotations
 
 import logging
 import math
 import statistics
+from types import SimpleNamespace
 
 import pytest
 from nvml_fake import RECORDED, FakeNVML
@@ -14,6 +15,7 @@ from harness import hookimpl
 from harness.config import Budget, TrialSpec
 from harness.errors import SpecError
 from harness.plugins import get_registry
+from harness.step import DistInfo
 from harness.testing import make_spec
 from harness.trial import run_trial
 from plugins import nvml as nvml_plugin
@@ -23,7 +25,8 @@ POWER = "nvmlDeviceGetPowerUsage"
 
 
 class Spy:
-    """Records what observers see after the nvml plugin ran (it is ``tryfirst``, the spy ``trylast``)."""
+    """Records what observers see: the window metrics with the gauges nvml's ``harness_measure_window`` returned
+    (merged by the core before any ``harness_trial_window``), and the energy counter at each boundary."""
 
     def __init__(self, fake: FakeNVML | None = None):
         self.fake = fake
@@ -34,13 +37,13 @@ class Spy:
         values = self.fake.values(ENERGY) if self.fake else []
         return values[-1] if values else None
 
-    @hookimpl(trylast=True)
-    def harness_trial_window(self, trial, step, metrics):
+    @hookimpl
+    def harness_trial_window(self, step, metrics):
         self.windows.append(dict(metrics, step=step))
         self.boundaries.append((metrics["phase"], self._last_energy()))
 
-    @hookimpl(trylast=True)
-    def harness_trial_evaluated(self, trial, step, metrics):
+    @hookimpl(trylast=True)  # after nvml's own harness_trial_evaluated has read the counter
+    def harness_trial_evaluated(self, trial):
         if trial.phase == "timed":
             self.boundaries.append(("eval", self._last_energy()))
 
@@ -135,7 +138,7 @@ def test_every_watched_gpu_counts(monkeypatch):
     assert result.ok, result.message
     e0, e1 = fake.values(ENERGY, 0), fake.values(ENERGY, 1)
     assert result.metrics["energy_j"] == pytest.approx((e0[-1] - e0[0] + e1[-1] - e1[0]) / 1e3)
-    p = [(a + b) / 1e3 for a, b in zip(fake.values(POWER, 0), fake.values(POWER, 1))]
+    p = [(a + b) / 1e3 for a, b in zip(fake.values(POWER, 0), fake.values(POWER, 1), strict=True)]
     assert result.metrics["gpu_power_mean_w"] == pytest.approx(statistics.fmean(p[2:]))
     assert result.metrics["nvml_gpus"] == 2
 
@@ -219,6 +222,40 @@ def test_cuda_devices_map_to_nvml_devices():
     assert index(0, "GPU-", None, uuids) is None  # ambiguous
     assert index(0, "MIG-1234", None, uuids) is None
     assert index(2, "0,1", None, uuids) is None
+
+
+def test_energy_per_sample_is_a_metric_only_while_nvml_is_loaded():
+    registry = get_registry()
+    assert "harness_declare_metrics" in registry.records["nvml"].hooks
+    metric = registry.metric("objectives[0]", "energy_per_sample")
+    assert (metric.key, metric.unit, metric.direction, metric.plugin) == ("energy_per_sample_j", "J", "minimize",
+                                                                          "nvml")
+    with pytest.raises(SpecError, match=r"^objectives\[0\]: unknown metric 'energy_per_sample' \(known: "):
+        get_registry(disable=["nvml"]).metric("objectives[0]", "energy_per_sample")
+
+
+def test_two_registries_keep_their_own_telemetry(fake):
+    first, second = get_registry(disable=["mlflow"]), get_registry(disable=["mlflow"])
+    assert first.plugin("nvml") is not second.plugin("nvml")
+    # a trial held open in the first registry (hooks called the way the trial runner calls them)...
+    held = SimpleNamespace(spec=tiny_spec(), dist=DistInfo(), phase="timed", metrics={"timed_steps": 4},
+                           conditions={})
+    first.hooks.trial_start(trial=held)
+    assert first.hooks.measure_window(trial=held, step=3, phase="warmup")["gpu_power_w"] > 0
+    # ...while a whole trial runs in the second, which opens, measures and closes a session of its own
+    result = run_trial(tiny_spec(), second)
+    assert result.ok, result.message
+    second_reads = fake.values(ENERGY)[1:]
+    assert result.metrics["energy_j"] == pytest.approx((second_reads[-1] - second_reads[0]) / 1e3)
+    assert fake.initialised == 1  # the first registry's session is still open
+    assert "gpu_power_w" in first.hooks.measure_window(trial=held, step=7, phase="timed")
+    metrics = first.hooks.measure_trial(trial=held, status="ok")
+    energy = fake.values(ENERGY)  # the first session read the counter first and last
+    assert metrics["energy_j"] == pytest.approx((energy[-1] - energy[0]) / 1e3)
+    assert metrics["nvml_gpus"] == 1 and metrics["energy_per_sample_j"] == pytest.approx(metrics["energy_j"] / 128)
+    assert held.conditions["energy_source"] == "nvml-energy-counter"
+    assert fake.initialised == 0
+    assert first.hooks.measure_trial(trial=held, status="ok") == {}  # the session ended with its trial
 
 
 @pytest.mark.gpu

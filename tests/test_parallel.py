@@ -104,6 +104,16 @@ def test_deepspeed_zero3_trains_in_one_process(single_process_result, tmp_path):
                                                        abs=LOSS_TOLERANCE)
 
 
+def test_the_engine_comes_from_the_selected_parallelism_plugin_alone(run_trial, hook_recorder):
+    """``harness_build_engine`` runs on the plugin of the trial's parallelism technique only (not on ddp, fsdp or
+    deepspeed, which are loaded too), and the engine it returns is the one that trains."""
+    recorder = hook_recorder()
+    result = run_trial.ok(parallelism="single", budget={"steps": 10})
+    (call,) = recorder.calls_of("build_engine")
+    assert call.plugins == ("single",)
+    assert type(call.result).__name__ == "Engine" and result.metrics["steps"] == 10
+
+
 @pytest.mark.slow
 def test_deepspeed_float16_on_the_cpu_is_infeasible(tmp_path):
     spec = make_spec(parallelism={"name": "deepspeed", "stage": 1}, precision="amp-fp16", devices=1,
@@ -186,8 +196,8 @@ def test_impossible_parallel_settings_are_infeasible_before_launch(registry, par
     from harness.space import Environment
 
     spec = spec_for(parallelism, 2)
-    reasons = registry.hook.harness_check_combination(spec=spec, env=Environment.detect(), workload_kinds=())
-    assert any(reason in (r or "") for r in reasons), reasons
+    found = registry.hooks.check_combination(spec=spec, env=Environment.detect(), workload_kinds=())
+    assert reason in (found or ""), found
 
 
 def test_ddp_needs_two_processes(registry):

@@ -1,11 +1,11 @@
-"""The plugin authors' kit: conformance checks (``harness.testing.check_plugin``), ``harness plugins`` with
-broken plugins, the example third-party package ``examples/harness-lion`` (installed into the test environment
-by tox) trained through ``harness run`` and picked by ``harness study``, and the tutorial's code snippets."""
+"""The plugin authors' kit: conformance checks (``harness.testing.check_plugin``), the pytest plugin's fixtures,
+dispatch by declaration as a third party sees it, ``harness plugins`` with broken plugins, the example third-party
+package ``examples/harness-lion`` (installed into the test environment by tox) trained through ``harness run``
+and picked by ``harness study``, and the tutorial's code snippets."""
 from __future__ import annotations
 
 import configparser
 import importlib.metadata
-import inspect
 import json
 import math
 import os
@@ -16,17 +16,20 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from harness import hookimpl
 from harness.cli import plugin_listing
 from harness.plugins import ENTRY_POINT_GROUP, Registry
 from harness.space import Float, Technique
-from harness.testing import check_plugin
+from harness.testing import assert_trial_status, check_plugin, tiny_workload
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "harness-lion"
 BROKEN = "plugin_kit_broken"  # tests/plugin_kit_broken.py: fails to import
+#: tracking and telemetry are not under test here, and MLflow's database set-up is the slowest part of a study
+NO_OBSERVERS = "mlflow,nvml"
 
 
 def _entry_points():
@@ -46,8 +49,35 @@ def _bad_declaration():
     return [Technique(axis="optimizer", name="bad-range", space={"lr": Float(1.0, 0.1)})]
 
 
-def _bad_signature(params, sepc):
+def _bad_signature(params, sepc):  # noqa: ARG001 (the misspelt argument is what is tested)
     return None
+
+
+def _a_technique():
+    return [Technique(axis="optimizer", name="fine", space={"lr": Float(1e-4, 1.0, default=0.1, log=True)})]
+
+
+def _greedy():
+    """A plugin that implements a compression build hook but declares no compression technique."""
+    return _plugin("greedy", harness_compress_before_training=lambda model: model)
+
+
+def _probe():
+    """A third party's optimizer ``probe-sgd`` (plain SGD) that notes every trial its hooks were called in."""
+    calls: list[tuple[str, str]] = []
+
+    def declare():
+        return [Technique(axis="optimizer", name="probe-sgd", space={"lr": Float(1e-3, 1.0, default=0.1, log=True)})]
+
+    def build(params, spec):
+        calls.append(("harness_build_optimizer", spec.optimizer.name))
+        return torch.optim.SGD(params, lr=spec.optimizer.params["lr"])
+
+    def trial_end(trial):
+        calls.append(("harness_trial_end", trial.spec.optimizer.name))
+
+    return _plugin("probe", harness_declare_techniques=declare, harness_build_optimizer=build,
+                   harness_trial_end=trial_end), calls
 
 
 # ---------------------------------------------------------------------------------------------- conformance
@@ -74,7 +104,7 @@ def test_conformance_names_a_bad_declaration():
 
 
 def test_conformance_names_a_bad_hook_signature_through_pluggy():
-    plugin = _plugin("bad_sig", harness_build_optimizer=_bad_signature)
+    plugin = _plugin("bad_sig", harness_declare_techniques=_a_technique, harness_build_optimizer=_bad_signature)
     problems = check_plugin(plugin, raises=False)
     assert len(problems) == 1
     assert problems[0].startswith("bad_sig: hook signature error: hookimpl definition: "
@@ -83,15 +113,116 @@ def test_conformance_names_a_bad_hook_signature_through_pluggy():
 
 
 def test_conformance_suggests_the_hook_a_typo_meant():
-    plugin = _plugin("typo", harness_build_optimiser=lambda params: None)
+    plugin = _plugin("typo", harness_build_optimiser=lambda: None)
     assert check_plugin(plugin, raises=False) == [
         "typo: implements unknown hook 'harness_build_optimiser'; did you mean 'harness_build_optimizer'?"]
 
 
-def test_conformance_catches_a_hook_that_takes_over_other_techniques_trials():
-    plugin = _plugin("greedy", harness_compress_before_training=lambda model: model)
-    (problem,) = check_plugin(plugin, raises=False)
-    assert "harness_compress_before_training returned Linear when the trial selected another technique" in problem
+def test_conformance_reports_a_technique_hook_of_an_axis_the_plugin_declares_nothing_on():
+    assert check_plugin(_greedy(), raises=False) == [
+        "greedy: harness_compress_before_training is a technique hook of the compression axis, but the plugin "
+        "declares no compression technique, so the harness never calls it"]
+
+
+def test_conformance_accepts_a_technique_hook_of_a_declared_axis():
+    plugin = _plugin("fine", harness_declare_techniques=_a_technique, harness_build_optimizer=lambda: None)
+    assert check_plugin(plugin) == []
+
+
+class _ClassPlugin:
+    """A plugin written as a class: its state lives on the instance the plugin manager creates."""
+
+    def __init__(self):
+        self.built = 0
+
+    @hookimpl
+    def harness_declare_techniques(self):
+        return _a_technique()
+
+    @hookimpl
+    def harness_build_optimizer(self, params, spec):
+        self.built += 1
+        return torch.optim.SGD(params, lr=spec.optimizer.params["lr"])
+
+    @hookimpl
+    def harness_setup_precision(self):
+        return None
+
+
+def test_conformance_checks_class_and_instance_plugins_by_their_methods():
+    expected = ["_ClassPlugin: harness_setup_precision is a technique hook of the precision axis, but the plugin "
+                "declares no precision technique, so the harness never calls it"]
+    assert check_plugin(_ClassPlugin, raises=False) == expected
+    assert check_plugin(_ClassPlugin(), raises=False) == expected
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+def test_a_third_party_build_hook_is_called_only_for_its_own_technique(make_registry, run_trial, hook_recorder):
+    probe, calls = _probe()
+    registry = make_registry(probe)
+    recorder = hook_recorder(registry)
+    run_trial.ok(registry=registry, optimizer="sgd", budget={"steps": 10})
+    assert calls == []  # another optimizer's trial: neither its build hook nor its observer hook ran
+    assert recorder.plugins_called("build_optimizer") == {"sgd"}
+    assert "probe" not in recorder.plugins_called("trial_end")
+    recorder.clear()
+    run_trial.ok(registry=registry, optimizer="probe-sgd", budget={"steps": 10})
+    assert calls == [("harness_build_optimizer", "probe-sgd"), ("harness_trial_end", "probe-sgd")]
+    assert recorder.plugins_called("build_optimizer") == {"probe"}
+
+
+def test_a_plugin_implementing_a_hook_for_an_axis_it_declares_nothing_on_is_never_called(make_registry,
+                                                                                         hook_recorder, tiny_spec):
+    registry = make_registry(_greedy())
+    recorder = hook_recorder(registry)
+    spec = tiny_spec(compression={"name": "prune", "when": "after"})
+    workload = tiny_workload()
+    registry.hooks.compress_before_training(model=workload.model, workload=workload, spec=spec,
+                                            device=torch.device("cpu"))
+    assert recorder.plugins_called("compress_before_training") == {"prune"}
+
+
+# ---------------------------------------------------------------------------------------------- the pytest plugin
+def test_run_trial_and_its_assert_helpers_report_status_and_message(run_trial):
+    result = run_trial.ok(budget={"steps": 20})
+    assert result.spec["workload"] == "harness.testing:tiny_workload"
+    infeasible = run_trial(compile="cuda-graph")
+    assert_trial_status(infeasible, "infeasible", "requires CUDA")
+    with pytest.raises(AssertionError, match=r"the trial ended 'infeasible', not 'ok': compile technique "
+                                             r"'cuda-graph' requires CUDA"):
+        run_trial.ok(compile="cuda-graph")
+
+
+def test_the_hook_recorder_sees_hooks_and_the_plugins_they_reached(run_trial, hook_recorder):
+    recorder = hook_recorder()
+    run_trial.ok(precision="amp-bf16", budget={"steps": 10})
+    (call,) = recorder.calls_of("harness_setup_precision")
+    assert call.plugins == ("amp-bf16",) and call.done and call.result.compute_dtype == torch.bfloat16
+    assert recorder.called("trial_start") and not recorder.called("build_optimizer", plugin="sgd")
+    names = recorder.names()
+    assert names.index("harness_build_optimizer") < names.index("harness_trial_start") < names.index(
+        "harness_trial_end")
+
+
+def test_a_plugin_projects_tests_get_the_fixtures_by_installing_the_harness(tmp_path):
+    (tmp_path / "test_fixtures.py").write_text(
+        "import pytest\n\n\n"
+        "def test_fixtures(harness_registry, tiny_spec, run_trial, hook_recorder, study_storage, harness_cli):\n"
+        "    assert ('optimizer', 'adamw') in harness_registry.techniques\n"
+        "    assert tiny_spec(optimizer='sgd').optimizer.name == 'sgd'\n"
+        "    assert study_storage.startswith('sqlite:///') and study_storage.endswith('study.db')\n"
+        "    code, out, _ = harness_cli('plugins', '--json')\n"
+        "    assert code == 0 and '\"adamw\"' in out\n\n\n"
+        "@pytest.mark.gpu\n"
+        "def test_on_a_gpu():\n"
+        "    import torch\n"
+        "    assert torch.cuda.is_available()\n")
+    env = {**os.environ, "HARNESS_DISABLE_PLUGINS": NO_OBSERVERS}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error",
+                           "test_fixtures.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    outcome = "2 passed" if torch.cuda.is_available() else "1 passed, 1 skipped"
+    assert outcome in proc.stdout, proc.stdout[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------- harness plugins
@@ -125,13 +256,12 @@ def test_harness_plugins_check_runs_the_conformance_check_on_every_plugin(capsys
 
     from harness.cli import cmd_plugins
 
-    greedy = _plugin("greedy", harness_compress_before_training=lambda model: model)
-    registry = Registry(extra=[greedy])
+    registry = Registry(extra=[_greedy()])
     code = cmd_plugins(argparse.Namespace(json=True, check=True), registry)
     listing = {entry["name"]: entry for entry in json.loads(capsys.readouterr().out)}
     assert code == 1
-    assert len(listing["greedy"]["problems"]) == 1 and "greedy: harness_compress_before_training returned Linear" \
-        in listing["greedy"]["problems"][0]
+    assert listing["greedy"]["problems"] == check_plugin(_greedy(), raises=False) and len(
+        listing["greedy"]["problems"]) == 1
     assert listing["lion"]["problems"] == [] and listing["sgd"]["problems"] == []
 
 
@@ -158,9 +288,6 @@ def test_lion_trains_digits_through_harness_run_in_a_worker(harness_cli, tmp_pat
     assert result["metrics"]["train_loss"] < 0.3 * math.log(10)
     assert result["metrics"]["accuracy"] > 0.9
 
-
-#: tracking and telemetry are not under test here, and MLflow's database set-up is the slowest part of a study
-NO_OBSERVERS = "mlflow,nvml"
 
 
 @pytest.mark.slow
@@ -227,20 +354,6 @@ def test_tutorial_snippets_copied_from_the_example_match_it():
     for m in copied:
         source = (ROOT / m["file"]).read_text()
         assert m["body"] in source, f"docs/plugins.md: the snippet of {m['file']} no longer matches it"
-
-
-def test_tutorial_hook_table_matches_the_hookspecs():
-    from harness import hookspecs
-
-    rows = re.findall(r"^\| `(harness_\w+)\(([^)]*)\)` \|[^|]*\|[^|]*\| (yes|no) \|", (ROOT / "docs" / "plugins.md")
-                      .read_text(), re.M)
-    documented = {name: (args, firstresult) for name, args, firstresult in rows}
-    specs = {name: getattr(hookspecs, name) for name in dir(hookspecs) if name.startswith("harness_")}
-    assert sorted(documented) == sorted(specs)
-    for name, spec in specs.items():
-        args = ", ".join(inspect.signature(spec).parameters)
-        firstresult = "yes" if spec.harness_spec.get("firstresult") else "no"
-        assert documented[name] == (args, firstresult), name
 
 
 def test_tutorial_python_snippets_run_and_conform():

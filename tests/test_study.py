@@ -305,7 +305,7 @@ def test_bad_study_input_is_one_line_exit_2_and_leaves_the_db_untouched(tmp_path
 
 # ============================================================================================ units
 def test_domination_rule_with_and_without_margin():
-    from harness.study import dominates
+    from harness.outcomes import dominates
 
     up_down = ("maximize", "minimize")
     assert dominates([100, 10], [90, 10], up_down)
@@ -316,7 +316,7 @@ def test_domination_rule_with_and_without_margin():
 
 
 def test_study_file_defaults_and_searched_parameters(tmp_path, registry):
-    from harness.study import StudyConfig
+    from harness.studyfile import StudyConfig
 
     cfg = StudyConfig.from_yaml(study_file(tmp_path, "cfg"), registry)
     assert [o.direction for o in cfg.objectives] == ["maximize", "maximize"]
@@ -332,8 +332,9 @@ def test_study_file_defaults_and_searched_parameters(tmp_path, registry):
 def _driver(path: Path, monkeypatch):
     from rich.console import Console
 
+    from harness.driver import StudyDriver
     from harness.plugins import get_registry
-    from harness.study import StudyConfig, StudyDriver
+    from harness.studyfile import StudyConfig
 
     monkeypatch.setenv("HARNESS_DISABLE_PLUGINS", NOT_HERE)
     registry = get_registry()
@@ -343,9 +344,12 @@ def _driver(path: Path, monkeypatch):
     return driver
 
 
+# the test asks outside Study.optimize, as the driver does, on a storage with heartbeats
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used:UserWarning")
 def test_simultaneous_asks_past_n_trials_give_way_to_the_lower_trial_number(tmp_path, monkeypatch):
     """Two drivers that read "5 of 6 claimed" at the same moment both ask: the higher number is surplus."""
     from harness.report import records_from_study
+    from harness.storage import counts, give_way_if_surplus
 
     monkeypatch.chdir(tmp_path)
     driver = _driver(study_file(tmp_path, "race", n_trials=2, axes={"optimizer": adamw(lr=0.003)}), monkeypatch)
@@ -354,12 +358,12 @@ def test_simultaneous_asks_past_n_trials_give_way_to_the_lower_trial_number(tmp_
     done.set_user_attr("record", {"number": 0, "state": "COMPLETE"})
     study.tell(done, [1.0, 1.0])
     mine, theirs = study.ask(), study.ask()  # both asked when one trial of two was claimed
-    assert not driver._surplus(mine), "the lower number runs"
-    assert driver._surplus(theirs), "the higher number gives way"
+    assert not give_way_if_surplus(study, mine, driver.n_trials), "the lower number runs"
+    assert give_way_if_surplus(study, theirs, driver.n_trials), "the higher number gives way"
     frozen = {t.number: t for t in study.get_trials()}
     assert frozen[theirs.number].state == optuna.trial.TrialState.FAIL and frozen[theirs.number].user_attrs["surplus"]
     assert frozen[mine.number].state == optuna.trial.TrialState.RUNNING
-    c = driver.counts()
+    c = counts(study)
     assert (c["finished"], c["running"], c["interrupted"]) == (1, 1, 0), c
     assert [r.number for r in records_from_study(study)] == [0, mine.number], "a surplus trial is not reported"
 
@@ -401,7 +405,7 @@ def test_screening_prunes_a_combination_dominated_on_throughput_and_memory(tmp_p
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "studies").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_study_file_validates_against_the_installed_plugins(path, tmp_path, monkeypatch):
     from harness.plugins import get_registry
-    from harness.study import StudyConfig
+    from harness.studyfile import StudyConfig
     from plugins._cifar import write_tiny_cifar
 
     monkeypatch.chdir(tmp_path)  # the CIFAR studies name data/cifar-10-batches-py, which must exist

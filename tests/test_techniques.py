@@ -50,7 +50,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert lrs[:10] == pytest.approx([0.05 * (i + 1) for i in range(10)])
     assert lrs[10] == pytest.approx(0.5)  # peak right after warm-up
     assert lrs[55] == pytest.approx(0.25)  # half-way through the decay: cos(pi/2)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
     assert lrs[-1] < 0.001
 
 
@@ -87,8 +87,8 @@ def test_precision_objects_declare_their_compute_dtype(registry):
     expected = {"fp32": torch.float32, "tf32": torch.float32, "amp-bf16": torch.bfloat16,
                 "amp-fp16": torch.float16}  # tf32 is float32 math on a CPU
     for name, dtype in expected.items():
-        precision = registry.hook.harness_setup_precision(model=model, spec=make_spec(precision=name),
-                                                          device=torch.device("cpu"))
+        precision = registry.hooks.setup_precision(model=model, spec=make_spec(precision=name, registry=registry),
+                                                   device=torch.device("cpu"))
         assert precision.compute_dtype == dtype, name
         with precision.autocast():
             assert torch.nn.functional.linear(torch.ones(1, 4), model.weight).dtype == dtype, name

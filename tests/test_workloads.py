@@ -38,8 +38,12 @@ def initial_val_loss(registry, spec) -> float:
 
 # ------------------------------------------------------------------------------------------------ CIFAR reader
 def test_cifar_reader_matches_the_raw_batches(tiny_cifar):
-    raw_train = [pickle.load(open(tiny_cifar / f"data_batch_{i}", "rb"), encoding="bytes") for i in range(1, 6)]
-    raw_test = pickle.load(open(tiny_cifar / "test_batch", "rb"), encoding="bytes")
+    def raw(name):
+        with open(tiny_cifar / name, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+
+    raw_train = [raw(f"data_batch_{i}") for i in range(1, 6)]
+    raw_test = raw("test_batch")
     train, test = _cifar.load_cifar(tiny_cifar)
 
     assert train.inputs.shape == (320, 3, 32, 32) and train.inputs.dtype == torch.float32

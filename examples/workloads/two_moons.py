@@ -25,7 +25,7 @@ def make_moons(samples: int, noise: float, generator: torch.Generator):
     return points, labels
 
 
-def build(device, seed, samples=2000, noise=0.1, hidden=64):
+def build(device, seed, samples=2000, noise=0.1, hidden=64):  # noqa: ARG001 (device: the data stays on the CPU)
     """Called in the trial's process as ``build(device=..., seed=..., **params)``; data may stay on the CPU."""
     generator = torch.Generator().manual_seed(0)  # the same data set in every trial; ``seed`` seeds the model
     points, labels = make_moons(samples, noise, generator)

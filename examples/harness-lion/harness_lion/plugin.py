@@ -1,6 +1,8 @@
 """Optimizer ``lion``: the harness plugin. Declaration at the top, hook implementations below.
 
-Registered in setup.cfg as ``lion = harness_lion.plugin`` in the ``harness.plugins`` entry-point group.
+Registered in setup.cfg as ``lion = harness_lion.plugin`` in the ``harness.plugins`` entry-point group. The
+harness calls ``harness_build_optimizer`` only in trials whose optimizer is ``lion``, the technique this plugin
+declares on the optimizer axis.
 """
 from __future__ import annotations
 
@@ -9,9 +11,8 @@ from harness.space import Float, Technique
 
 from harness_lion.optim import Lion
 
-NAME = "lion"
 TECHNIQUE = Technique(
-    axis="optimizer", name=NAME,
+    axis="optimizer", name="lion",
     space={
         "lr": Float(1e-5, 1e-2, default=3e-4, log=True, help="learning rate (3-10x smaller than AdamW's)"),
         "beta1": Float(0.5, 0.99, default=0.9, help="interpolation factor of the update direction"),
@@ -29,7 +30,5 @@ def harness_declare_techniques():
 
 @hookimpl
 def harness_build_optimizer(params, spec):
-    if spec.optimizer.name != NAME:
-        return None  # another plugin's optimizer was selected
     p = spec.optimizer.params
     return Lion(params, lr=p["lr"], betas=(p["beta1"], p["beta2"]), weight_decay=p["weight_decay"])

@@ -1,11 +1,13 @@
-"""harness-lion's own tests, written with the helpers gpu-harness gives plugin authors (``harness.testing``):
-the conformance check, one trial on the tiny built-in workload, and a small study that picks ``lion``."""
+"""harness-lion's own tests, written with the kit gpu-harness gives plugin authors: the ``harness.testing``
+helpers and the fixtures of its pytest plugin (``run_trial``, ``hook_recorder``...), which installing the
+harness provides: no conftest needed. The conformance check, Lion's update rule, one trial on the tiny
+built-in workload, and a small study that picks ``lion``."""
 from __future__ import annotations
 
 import math
 
 import torch
-from harness.testing import TINY_WORKLOAD, check_plugin, run_one_trial, run_small_study
+from harness.testing import check_plugin, run_small_study
 
 import harness_lion.plugin
 from harness_lion import Lion
@@ -29,10 +31,10 @@ def test_lion_steps_by_the_sign_of_the_interpolated_momentum():
     torch.testing.assert_close(opt.state[p]["exp_avg"], m)
 
 
-def test_lion_trains_the_tiny_workload():
-    result = run_one_trial(workload=TINY_WORKLOAD, optimizer={"name": "lion", "lr": 3e-3},
-                           budget={"steps": 80, "warmup_steps": 3, "windows": 3})
-    assert result.ok, result.message
+def test_lion_trains_the_tiny_workload(run_trial, hook_recorder):
+    recorder = hook_recorder()
+    result = run_trial.ok(optimizer={"name": "lion", "lr": 3e-3}, budget={"steps": 80})
+    assert recorder.plugins_called("build_optimizer") == {"lion"}
     assert result.metrics["accuracy"] > 0.9
     assert result.metrics["val_loss"] < 0.5 * math.log(4)  # 4 classes: an untrained model scores ~log(4)
 

@@ -1,0 +1,310 @@
+"""The study driver behind ``harness study studies/X.yaml``: ask Optuna, check, launch, tell.
+
+The driver asks Optuna for one technique per axis per trial (:mod:`harness.sampling`), rejects infeasible
+combinations before launching anything, runs every other trial in its own process group
+(:func:`harness.launch.launch`) and tells Optuna the outcome: objective values, or FAIL / PRUNED with a failure
+class. The storage (:mod:`harness.storage`) lets a killed driver resume and several drivers share a study.
+Every trial's :class:`~harness.outcomes.TrialRecord` is kept in the Optuna trial's user attributes, so
+``harness report`` needs nothing but the storage. The hooks it calls are listed in :mod:`harness.hookspecs`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from harness import report, storage
+from harness.errors import SpecError
+from harness.outcomes import INFEASIBLE_VIOLATION, TrialRecord, objective_values, pareto_front, violation
+from harness.progress import StudyProgress
+from harness.sampling import (
+    baseline_spec,
+    make_pruner,
+    make_sampler,
+    pruning_reporter,
+    record_constraint,
+    suggest_spec,
+)
+from harness.space import Environment, infeasible_reason
+from harness.studyfile import StudyConfig
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.storages import RDBStorage
+
+    from harness.config import TrialSpec
+    from harness.plugins import Registry
+    from harness.trial import TrialResult
+
+
+class StudyDriver:
+    """Runs a study: asks Optuna, checks feasibility, launches, tells; see the module docstring."""
+
+    #: the study's storage, set by :meth:`open`.
+    _storage: RDBStorage
+
+    def __init__(self, config: StudyConfig, registry: Registry, console: Console | None = None,
+                 n_trials: int | None = None, timeout_s: float | None = None) -> None:
+        self.config, self.registry = config, registry
+        self.console = console or Console()
+        self.n_trials = n_trials if n_trials is not None else config.n_trials
+        self.timeout_s = timeout_s if timeout_s is not None else config.timeout_s
+        self.output_dir = Path(config.output_dir)
+        self.env = Environment.detect()
+        self.baseline: TrialRecord | None = None
+        self.progress: StudyProgress | None = None
+        self._study: optuna.Study | None = None
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            raise RuntimeError("StudyDriver.open() was not called")
+        return self._study
+
+    def open(self) -> optuna.Study:
+        """Open (or resume) the study in its storage; every check that can fail on user input runs first."""
+        import optuna
+
+        cfg = self.config
+        self._storage = storage.open_storage(cfg.storage, cfg.heartbeat_s)
+        directions = [o.direction for o in cfg.objectives]
+        existing = storage.existing_directions(self._storage, cfg.name)
+        if existing is not None and existing != directions:
+            raise SpecError(f"objectives: study {cfg.name!r} in {cfg.storage} was created with directions "
+                            f"{existing}; this file asks for {directions} (use another name or storage)")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self._study = optuna.create_study(
+            storage=self._storage, study_name=cfg.name, load_if_exists=True, sampler=make_sampler(cfg),
+            directions=[optuna.study.StudyDirection[d.upper()] for d in directions], pruner=make_pruner(cfg))
+        attrs = {"objectives": [dataclasses.astuple(o) for o in cfg.objectives],
+                 "constraints": {c.metric: c.text for c in cfg.constraints}, "workload": cfg.workload,
+                 "study_file": cfg.path}
+        for key, value in attrs.items():
+            if self._study.user_attrs.get(key) != value:
+                self._study.set_user_attr(key, value)
+        return self._study
+
+    def infeasible(self, spec: TrialSpec) -> str | None:
+        """Why ``spec`` cannot run here: declared requirements first, then the vetoes of the plugins taking part."""
+        if spec.device == "cuda" and not self.env.cuda:
+            return "device: 'cuda' requested but this machine has no CUDA GPU"
+        kinds = self.registry.workload_kinds(spec.workload)
+        reason = (infeasible_reason(spec, self.registry.techniques, self.env, kinds)
+                  or self.registry.hooks.check_combination(spec=spec, env=self.env, workload_kinds=kinds))
+        if reason:
+            return reason
+        if spec.batch_size % spec.devices:
+            return f"batch_size: {spec.batch_size} is not divisible by the {spec.devices} processes"
+        return None
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def run(self) -> tuple[list[TrialRecord], list[TrialRecord]]:
+        """Run trials until n_trials are finished in the storage (by any driver) or the timeout passes; then
+        print and write the report. Returns every record and the Pareto front."""
+        if self._study is None:
+            self.open()
+        study, cfg = self.study, self.config
+        self.registry.hooks.study_start(study=study, config=cfg)
+        t0 = time.monotonic()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with StudyProgress(self.console, study, cfg, self.n_trials) as self.progress:
+            if cfg.needs_baseline:
+                self.baseline = self.ensure_baseline()
+                if self.baseline is None:
+                    return [], []
+            while True:
+                storage.fail_stale(study)
+                c = storage.counts(study)
+                if self.n_trials is not None and c["finished"] >= self.n_trials:
+                    break
+                if self.timeout_s is not None and time.monotonic() - t0 >= self.timeout_s:
+                    break
+                if self.n_trials is not None and c["finished"] + c["running"] >= self.n_trials and not c["waiting"]:
+                    # the remaining trials run in other drivers; wait in case one of them dies
+                    self._status("waiting for other drivers' trials")
+                    time.sleep(min(2.0, cfg.heartbeat_s))
+                    continue
+                with warnings.catch_warnings():
+                    # ask/tell with the driver's own heartbeat thread is how heartbeats work outside optimize()
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used",
+                                            category=UserWarning)
+                    trial = study.ask()
+                if not storage.give_way_if_surplus(study, trial, self.n_trials):
+                    self.run_trial(trial)
+            self._status("done")
+        records = report.records_from_study(study)
+        pareto = pareto_front(records, cfg.objectives)
+        report.print_table(self.console, study, records, pareto, baseline=self.baseline, objectives=cfg.objectives)
+        written = report.write_outputs(study, records, pareto, cfg.objectives, self.output_dir, baseline=self.baseline)
+        self.console.print(f"wrote {', '.join(p.name for p in written)} to {self.output_dir}")
+        self.registry.hooks.study_end(study=study, config=cfg, records=records, pareto=pareto,
+                                      output_dir=self.output_dir)
+        return records, pareto
+
+    def _status(self, current: str, refresh: bool = True) -> None:
+        if self.progress is not None:
+            self.progress.update(current, refresh)
+
+    # ------------------------------------------------------------------------------------------ one trial
+    def ensure_baseline(self) -> TrialRecord | None:
+        """Run the baseline trial once per study (kept in the study's user attributes across resumes)."""
+        stored = storage.claim_baseline(self.study, self.config.trial_timeout_s + 60, self._status)
+        if stored:
+            return TrialRecord.from_dict(stored)
+        spec = baseline_spec(self.config, self.registry)
+        record = TrialRecord(-1, "FAIL", params=spec.flat_params(), spec_hash=spec.spec_hash(), spec=spec.to_dict())
+        reason = self.infeasible(spec)
+        t0 = time.monotonic()
+        if reason:
+            record.failure_class, record.message = "infeasible", reason
+        else:
+            self._status(f"baseline: {spec.label()}")
+            result = self._launch(spec, self.output_dir / "trials" / "baseline", None)
+            record.state = "COMPLETE" if result.ok else "FAIL"
+            record.failure_class = None if result.ok else result.status
+            record.message, record.metrics, record.duration_s = result.message, result.metrics, time.monotonic() - t0
+        if record.state != "COMPLETE":
+            self.console.print(f"[red]baseline trial failed ({record.failure_class}): {escape(record.message)}[/red]; "
+                               "constraints relative to the baseline cannot be evaluated")
+            return None
+        record.values = objective_values(self.config.objectives, record.metrics)
+        self.study.set_user_attr("baseline", record.to_dict())
+        bounds = [(c, c.bound(record.metrics)) for c in self.config.constraints]
+        self.console.print(f"baseline {spec.label()}: " + ", ".join(
+            f"{c.metric} {c.op} {report.fmt(c.key, bound) if bound is not None else '?'}" for c, bound in bounds))
+        return record
+
+    def run_trial(self, trial: optuna.Trial) -> TrialRecord:
+        """Run one asked trial to its end and tell Optuna; never raises for a failing trial."""
+        t0 = time.monotonic()
+        study, cfg = self.study, self.config
+        spec = suggest_spec(trial, cfg, self.registry)
+        spec_hash = spec.spec_hash()
+        for key, value in (("spec_hash", spec_hash), ("label", spec.label()), ("driver", storage.driver_id())):
+            trial.set_user_attr(key, value)
+        record = TrialRecord(trial.number, "FAIL", params=spec.flat_params(), spec_hash=spec_hash,
+                             spec=spec.to_dict())
+        with storage.Heartbeat(self._storage, trial._trial_id, cfg.heartbeat_s):
+            reason = self.infeasible(spec)
+            previous = None if reason else self._previous(trial, spec_hash)
+            if reason:
+                record.state, record.failure_class, record.message = "PRUNED", "infeasible", reason
+                record.constraint_violation = INFEASIBLE_VIOLATION
+            elif previous is not None:
+                record.reuse(previous)
+            else:
+                spec.tags.update(self.registry.hooks.trial_launch(spec=spec, trial_number=trial.number, study=study))
+                record.spec = spec.to_dict()
+                trial.set_user_attr("launched", True)
+                self._run_launched(trial, spec, record)
+        record.duration_s = time.monotonic() - t0
+        self._tell(trial, record)
+        self.registry.hooks.trial_finished(spec=spec, record=record, study=study)
+        if self.progress is not None:
+            self.progress.finished(record)
+        return record
+
+    def _previous(self, trial: optuna.Trial, spec_hash: str) -> TrialRecord | None:
+        if self.baseline is not None and self.baseline.spec_hash == spec_hash:
+            return self.baseline
+        return storage.previous_outcome(self.study, trial, spec_hash, self._status)
+
+    def _tell(self, trial: optuna.Trial, record: TrialRecord) -> None:
+        from optuna.trial import TrialState
+
+        trial.set_user_attr("failure_class", record.failure_class)
+        trial.set_user_attr("failure_message", record.message[:2000])
+        record_constraint(trial, record.constraint_violation or 0.0)
+        trial.set_user_attr("record", record.to_dict())
+        state = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED}.get(record.state, TrialState.FAIL)
+        try:
+            self.study.tell(trial, record.values if state == TrialState.COMPLETE else None, state=state)
+        except RuntimeError as exc:  # the grid sampler calls study.stop() when the grid is done
+            if "stop" not in str(exc):
+                raise
+
+    def _run_launched(self, trial: optuna.Trial, spec: TrialSpec, record: TrialRecord) -> None:
+        cfg = self.config
+        workdir = self.output_dir / "trials" / f"{trial.number:04d}"
+        self._status(f"#{trial.number} {spec.label()}")
+        if cfg.screening is not None:
+            short = copy.deepcopy(spec)
+            short.budget = copy.deepcopy(cfg.screening)
+            result = self._launch(short, workdir / "screen", None)
+            if not result.ok:
+                record.failed(result.status, f"screening: {result.message}", result.metrics)
+                return
+            screen = [float(result.metrics.get("throughput_samples_per_s", 0.0)),
+                      float(result.metrics.get("peak_memory_bytes", 0.0))]
+            trial.set_user_attr("screen", screen)
+            rival = storage.screening_rival(self.study, trial.number, screen, cfg.screening_margin)
+            if rival is not None:
+                number, (thr, mem) = rival
+                record.state, record.failure_class, record.metrics = "PRUNED", "screened", dict(result.metrics)
+                record.message = (f"dominated at screening by trial #{number} ({thr:,.0f} vs {screen[0]:,.0f} "
+                                  f"samples/s, {mem / 2**20:,.0f} vs {screen[1] / 2**20:,.0f} MiB)")
+                return
+        result = self._launch(spec, workdir, trial)
+        if not result.ok:
+            record.failed(result.status, result.message, result.metrics)
+            return
+        record.metrics = dict(result.metrics)
+        record.metrics.update({f"condition.{k}": v for k, v in result.conditions.items()})
+        record.values = objective_values(cfg.objectives, result.metrics)
+        if record.values is None:
+            missing = [o.key for o in cfg.objectives if not isinstance(result.metrics.get(o.key), (int, float))]
+            record.state, record.failure_class = "FAIL", "missing-metric"
+            record.message = f"objective metric(s) not measured or not finite: {', '.join(missing) or '?'}"
+            return
+        record.state = "COMPLETE"
+        record.constraint_violation = violation(cfg.constraints, result.metrics,
+                                                self.baseline.metrics if self.baseline else None)
+
+    def _launch(self, spec: TrialSpec, workdir: Path, trial: optuna.Trial | None) -> TrialResult:
+        """Run ``spec`` in its own process; with ``trial`` (and a pruner) its evaluations reach Optuna, which
+        may stop it early."""
+        from harness.launch import LaunchOptions, launch
+        from harness.trial import TrialResult
+
+        prune, name = None, "baseline"
+        if trial is not None:
+            name = f"#{trial.number}"
+            if self.config.pruner != "none":
+                prune = pruning_reporter(trial, self.config.objectives[0].key)
+
+        def on_event(event: dict[str, Any]) -> bool | None:
+            if event.get("event") in ("progress", "window") and event.get("total_steps"):
+                self._status(f"{name} {spec.label()}: step {event['step']}/{event['total_steps']}", refresh=False)
+            return prune(event) if prune is not None else None
+
+        try:
+            return launch(spec, workdir, LaunchOptions(timeout_s=self.config.trial_timeout_s), on_event=on_event)
+        except KeyboardInterrupt:
+            # The trial runs in a session of its own, so Ctrl-C never reached it: end it here. The Optuna trial
+            # stays RUNNING without heartbeats; the next driver fails it as stale and runs it again.
+            _kill_children()
+            raise
+        except Exception as exc:  # the launcher itself failed (a missing tool, a full disk): this trial crashed
+            return TrialResult("crashed", {}, f"could not launch the trial: {type(exc).__name__}: {exc}",
+                               spec=spec.to_dict())
+
+
+def _kill_children() -> None:
+    """SIGKILL the trial processes this driver started (its descendants)."""
+    try:
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
+    except Exception:  # psutil missing: nothing more can be done here
+        return
+    for child in children:
+        try:
+            child.kill()
+        except Exception:  # already gone
+            pass
