@@ -6,6 +6,7 @@ with exit status 2 and no traceback. A trial that runs but fails exits 1.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -14,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from harness.errors import SpecError
+from harness.errors import SpecError, one_line, shown
+from harness.redact import mask_credentials
 from harness.studyfile import DEFAULT_STORAGE
 
 if TYPE_CHECKING:
@@ -26,6 +28,10 @@ if TYPE_CHECKING:
     from harness.trial import TrialResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: OSErrors that mean "cannot write there" rather than a bug, reported in one line (exit 2): a full disk or a
+#: file-size limit always; a forbidden or read-only place when the error names the file.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+_WRITE_ERRNOS = _FULL_ERRNOS | {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +44,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise SpecError(f"--set {text!r}: expected FIELD=VALUE, e.g. optimizer.lr=0.01 or budget.steps=300")
+        raise SpecError(f"--set {shown(text)}: expected FIELD=VALUE, e.g. optimizer.lr=0.01 or budget.steps=300")
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError:
@@ -144,6 +150,10 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
         data = {}
     if not isinstance(data, dict):
         raise SpecError(f"{where}: expected a mapping of trial fields, got {type(data).__name__}")
+    study_keys = [k for k in ("axes", "n_trials", "timeout_s", "objectives", "constraints", "sampler") if k in data]
+    if study_keys:
+        raise SpecError(f"{where}: this looks like a study file (top-level {', '.join(study_keys)}; a trial file "
+                        "names one technique per axis): run it with `harness study FILE`")
     spec = trial_from_mapping(where, apply_overrides(data, args), registry)
     if args.timeout < 0:
         raise SpecError(f"--timeout: expected seconds >= 0, got {args.timeout}")
@@ -219,18 +229,24 @@ def cmd_study(args: argparse.Namespace, registry: Registry) -> int:
     Exits 1 when the baseline trial that relative constraints need failed."""
     from harness.config import integer, positive
     from harness.driver import StudyDriver
-    from harness.studyfile import StudyConfig
+    from harness.studyfile import StudyConfig, check_destinations
 
     config = StudyConfig.from_yaml(args.file, registry)
     if args.storage:
         config.storage = args.storage
     if args.output_dir:
         config.output_dir = args.output_dir
+    check_destinations(config)  # with the flags applied, before any storage is opened
     n_trials = integer("--n-trials", args.n_trials) if args.n_trials is not None else None
     timeout_s = positive("--timeout", args.timeout, " of seconds") if args.timeout is not None else None
     driver = StudyDriver(config, registry, _wide_console(), n_trials=n_trials, timeout_s=timeout_s)
     driver.open()
-    driver.run()
+    try:
+        driver.run()
+    except OSError as exc:
+        if exc.filename is None and exc.errno in _FULL_ERRNOS:  # a write() names no file: say where outputs go
+            exc.filename = f"output_dir {config.output_dir}"
+        raise
     return EXIT_FAILED if config.needs_baseline and driver.baseline is None else EXIT_OK
 
 
@@ -243,9 +259,9 @@ def cmd_report(args: argparse.Namespace, registry: Registry) -> int:
     from harness.outcomes import Objective, TrialRecord, pareto_front
     from harness.space import did_you_mean
     from harness.storage import open_storage
+    from harness.studyfile import check_sqlite_file
 
-    if args.storage.startswith("sqlite:///") and not Path(args.storage[len("sqlite:///"):]).is_file():
-        raise SpecError(f"--storage: {args.storage!r}: no such database file")
+    check_sqlite_file("--storage", args.storage, must_exist=True)
     storage = open_storage(args.storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = [s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
@@ -353,7 +369,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     os.environ["HARNESS_DISABLE_PLUGINS"] = previous
     except SpecError as exc:
-        print(f"harness: error: {exc}", file=sys.stderr)
+        print(f"harness: error: {one_line(mask_credentials(str(exc)))}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        # a full disk, a file-size limit, a read-only or forbidden place met while writing outputs: one line;
+        # any other OSError is a bug and keeps its traceback
+        if not (exc.errno in _FULL_ERRNOS or (exc.errno in _WRITE_ERRNOS and exc.filename)):
+            raise
+        where = f" {one_line(mask_credentials(str(exc.filename)), 300)}" if exc.filename else ""
+        hint = " (the disk is full or a file-size limit is reached)" if exc.errno in _FULL_ERRNOS else ""
+        verb = "write" if exc.errno in _FULL_ERRNOS or exc.errno == errno.EROFS else "access"
+        print(f"harness: error: cannot {verb}{where}: {exc.strerror or exc}{hint}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.errors import SpecError
+from harness.errors import SpecError, one_line, shown
 from harness.space import AXES, did_you_mean
 
 if TYPE_CHECKING:
@@ -131,26 +131,147 @@ BUDGET_KEYS = tuple(f.name for f in dataclasses.fields(Budget))
 DEVICES = ("auto", "cuda", "cpu")
 
 
+#: limits on what a study or trial file may be: its size in bytes, its YAML aliases (``*name``), the nodes its
+#: aliases would expand to and how deeply it nests. A real file is a few KB with no alias; the limits stop a
+#: "billion laughs" file before anything is expanded or echoed.
+MAX_FILE_BYTES = 1 << 20
+MAX_ALIASES = 100
+MAX_EXPANDED_NODES = 100_000
+MAX_DEPTH = 40
+
+
+class _Refused(Exception):
+    """A file the loader will not build (duplicate key, too many aliases...); load_yaml adds the file name."""
+
+
+def _loader(text: str) -> Any:
+    """A PyYAML safe loader that rejects duplicate keys, too many aliases, too large an expansion and too deep
+    a nesting while composing, i.e. before any value is built."""
+    import yaml
+    from yaml.composer import Composer
+    from yaml.events import AliasEvent
+    from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+    class Loader(yaml.SafeLoader):
+        aliases = 0
+        depth = 0
+
+        def compose_node(self, parent: Node | None, index: Any) -> Node:
+            if self.check_event(AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_ALIASES:
+                    line = self.peek_event().start_mark.line + 1
+                    raise _Refused(f"more than {MAX_ALIASES} YAML aliases (line {line}); a study or trial file "
+                                   "needs none")
+            self.depth += 1
+            try:
+                if self.depth > MAX_DEPTH:
+                    raise _Refused(f"nested more than {MAX_DEPTH} levels deep "
+                                   f"(line {self.peek_event().start_mark.line + 1})")
+                return Composer.compose_node(self, parent, index)
+            finally:
+                self.depth -= 1
+
+        def compose_document(self) -> Node:
+            node = Composer.compose_document(self)
+            _check_expansion(node)
+            return node
+
+        def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                try:
+                    key = self.construct_object(key_node, deep=True)
+                    hash(key)
+                except (TypeError, yaml.YAMLError):
+                    continue  # the base constructor reports an unhashable key
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _Refused(f"duplicate key {shown(key)} at lines {seen[key]} and {line} (a key may appear "
+                                   "once in a mapping)")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    def _check_expansion(root: Node) -> None:
+        # nodes reached through aliases are shared: count each path's expansion once per node (memoised), and
+        # refuse a cycle (an alias inside its own anchor) rather than follow it
+        size: dict[int, int] = {}
+        active: set[int] = set()
+
+        def count(node: Node) -> int:
+            key = id(node)
+            if key in size:
+                return size[key]
+            if key in active:
+                raise _Refused(f"a recursive YAML alias (line {node.start_mark.line + 1})")
+            active.add(key)
+            total = 1
+            if isinstance(node, SequenceNode):
+                total += sum(count(child) for child in node.value)
+            elif isinstance(node, MappingNode):
+                total += sum(count(k) + count(v) for k, v in node.value)
+            elif not isinstance(node, ScalarNode):
+                raise _Refused(f"an unexpected YAML node (line {node.start_mark.line + 1})")
+            active.discard(key)
+            if total > MAX_EXPANDED_NODES:
+                raise _Refused(f"its aliases expand to more than {MAX_EXPANDED_NODES} values "
+                               f"(line {node.start_mark.line + 1}); a study or trial file is a few hundred")
+            size[key] = total
+            return total
+
+        if root is not None:
+            count(root)
+
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_yaml(path: str | Path) -> Any:
-    """Safe-load a YAML file; a missing file or a syntax error becomes one :class:`SpecError` line."""
+    """Safe-load a YAML study or trial file. Everything wrong with it (missing, not a regular file, unreadable,
+    too large, not UTF-8, malformed YAML, a duplicate key, an alias bomb) becomes one :class:`SpecError` line."""
     import yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"{path}: no such file")
+    name = str(path) if len(str(path)) <= 200 else shown(str(path))
     try:
-        return yaml.safe_load(p.read_text())
+        if not p.exists():
+            raise SpecError(f"{name}: no such file")
+        if p.is_dir():
+            raise SpecError(f"{name}: is a directory, not a study or trial file")
+        if not p.is_file():
+            raise SpecError(f"{name}: not a regular file")
+        with p.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise SpecError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise SpecError(f"{name}: larger than {MAX_FILE_BYTES // 1024} KiB; a study or trial file is a few KB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{name}: not a UTF-8 text file (byte {exc.start}: {shown(raw[exc.start:exc.start + 4])})"
+                        ) from None
+    if "\x00" in text:
+        raise SpecError(f"{name}: not a text file (it holds a NUL byte)")
+    try:
+        return _loader(text)
+    except _Refused as exc:
+        raise SpecError(f"{name}: {exc}") from None
+    except RecursionError:
+        raise SpecError(f"{name}: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
+        raise SpecError(f"{name}: malformed YAML{where}: {one_line(problem, 200)}") from None
 
 
 def check_keys(where: str, data: Mapping[str, Any], allowed: Collection[str]) -> None:
     for key in data:
         if key not in allowed:
-            raise SpecError(f"{where}: unknown key {key!r} (allowed: {', '.join(allowed)}){did_you_mean(key, allowed)}")
+            raise SpecError(f"{where}: unknown key {shown(key)} (allowed: {', '.join(allowed)})"
+                            f"{did_you_mean(key, allowed)}")
 
 
 def integer(where: str, value: Any, minimum: int | None = 1, what: str = "") -> int:
@@ -159,39 +280,52 @@ def integer(where: str, value: Any, minimum: int | None = 1, what: str = "") -> 
     kind = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
         minimum, f"an integer >= {minimum}")
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        raise SpecError(f"{where}: expected {kind}{what}, got {value!r}")
+        raise SpecError(f"{where}: expected {kind}{what}, got {shown(value)}")
     return value
 
 
 def positive(where: str, value: Any, what: str = "") -> float:
     """``value`` as a float when it is a number > 0, else a SpecError naming ``where`` (``what``: the unit)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise SpecError(f"{where}: expected a positive number{what}, got {value!r}")
+        raise SpecError(f"{where}: expected a positive number{what}, got {shown(value)}")
     return float(value)
+
+
+#: the longest technique, workload or metric name a file may give (``module:function`` workloads included).
+MAX_NAME_CHARS = 200
+
+
+def checked_name(where: str, value: Any) -> str:
+    """``value`` when it can be a technique, workload or metric name (a string of at most
+    :data:`MAX_NAME_CHARS`), checked before it is looked up or echoed whole."""
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS:
+        raise SpecError(f"{where}: expected a name of 1 to {MAX_NAME_CHARS} characters, got {shown(value)}")
+    return value
 
 
 def parse_choice(where: str, value: Any) -> tuple[str, dict[str, Any]]:
     """A technique (or workload) is written as ``name`` or ``{name: ..., <param>: value, ...}``."""
     if isinstance(value, str):
-        return value, {}
+        return checked_name(where, value), {}
     if isinstance(value, Mapping) and isinstance(value.get("name"), str):
         params = {k: v for k, v in value.items() if k != "name"}
         if isinstance(params.get("params"), Mapping) and len(params) == 1:
             params = dict(params["params"])
-        return value["name"], params
-    raise SpecError(f"{where}: expected a technique name or a mapping with 'name', got {value!r}")
+        return checked_name(f"{where}.name", value["name"]), params
+    raise SpecError(f"{where}: expected a technique name or a mapping with 'name', got {shown(value)}")
 
 
 def parse_budget(where: str, data: Any) -> Budget:
     if data is None:
         return Budget(steps=200)
     if not isinstance(data, Mapping):
-        raise SpecError(f"{where}: expected a mapping with one of steps, epochs, seconds; got {data!r}")
+        raise SpecError(f"{where}: expected a mapping with one of steps, epochs, seconds; got {shown(data)}")
     check_keys(where, data, BUDGET_KEYS)
     budget = Budget(**dict(data))
-    for key in ("steps", "warmup_steps", "windows", "eval_every_steps", "eval_samples"):
-        if getattr(budget, key) is not None:
-            integer(f"{where}.{key}", getattr(budget, key), minimum=0)
+    if budget.steps is not None:
+        integer(f"{where}.steps", budget.steps, minimum=0)
+    for key in ("warmup_steps", "windows", "eval_every_steps", "eval_samples"):  # these have no "not given"
+        integer(f"{where}.{key}", getattr(budget, key), minimum=0)
     for key in ("epochs", "seconds"):
         if getattr(budget, key) is not None:
             positive(f"{where}.{key}", getattr(budget, key))
@@ -217,7 +351,7 @@ def parse_common(where: str, data: Mapping[str, Any], spec: TrialSpec) -> None:
         spec.devices = integer(f"{where}.devices", data["devices"])
     if "device" in data:
         if data["device"] not in DEVICES:
-            raise SpecError(f"{where}.device: {data['device']!r} is not allowed (allowed: {', '.join(DEVICES)})")
+            raise SpecError(f"{where}.device: {shown(data['device'])} is not allowed (allowed: {', '.join(DEVICES)})")
         spec.device = data["device"]
     if "budget" in data:
         spec.budget = parse_budget(f"{where}.budget", data["budget"])
@@ -244,13 +378,13 @@ def trial_from_mapping(where: str, data: Any, registry: Registry) -> TrialSpec:
     check_keys(where, data, TRIAL_KEYS)
     spec = TrialSpec(budget=Budget(steps=200))
     parse_common(where, data, spec)
-    if "workload" in data:
-        name, wparams = parse_choice(f"{where}.workload", data["workload"])
-        spec.workload = name
-        spec.workload_params = registry.validate_workload(f"{where}.workload", name, wparams)
     for axis in AXES:
         if axis in data:
             tname, params = parse_choice(f"{where}.{axis}", data[axis])
             tech = registry.technique(f"{where}.{axis}", axis, tname)
             setattr(spec, axis, Choice(tname, tech.validate_params(f"{where}.{axis}", params)))
+    if "workload" in data:  # last: a ``module:function`` workload is code, imported once the rest has passed
+        name, wparams = parse_choice(f"{where}.workload", data["workload"])
+        spec.workload = name
+        spec.workload_params = registry.validate_workload(f"{where}.workload", name, wparams)
     return fill_defaults(spec, registry)

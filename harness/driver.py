@@ -23,6 +23,7 @@ from harness import report, storage
 from harness.errors import SpecError
 from harness.outcomes import INFEASIBLE_VIOLATION, TrialRecord, objective_values, pareto_front, violation
 from harness.progress import StudyProgress
+from harness.redact import mask_credentials
 from harness.sampling import (
     baseline_spec,
     make_pruner,
@@ -76,8 +77,8 @@ class StudyDriver:
         directions = [o.direction for o in cfg.objectives]
         existing = storage.existing_directions(self._storage, cfg.name)
         if existing is not None and existing != directions:
-            raise SpecError(f"objectives: study {cfg.name!r} in {cfg.storage} was created with directions "
-                            f"{existing}; this file asks for {directions} (use another name or storage)")
+            raise SpecError(f"objectives: study {cfg.name!r} in {mask_credentials(cfg.storage)} was created with "
+                            f"directions {existing}; this file asks for {directions} (use another name or storage)")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self._study = optuna.create_study(
             storage=self._storage, study_name=cfg.name, load_if_exists=True, sampler=make_sampler(cfg),
@@ -170,7 +171,8 @@ class StudyDriver:
             record.failure_class = None if result.ok else result.status
             record.message, record.metrics, record.duration_s = result.message, result.metrics, time.monotonic() - t0
         if record.state != "COMPLETE":
-            self.console.print(f"[red]baseline trial failed ({record.failure_class}): {escape(record.message)}[/red]; "
+            why = escape(mask_credentials(record.message))
+            self.console.print(f"[red]baseline trial failed ({record.failure_class}): {why}[/red]; "
                                "constraints relative to the baseline cannot be evaluated")
             return None
         record.values = objective_values(self.config.objectives, record.metrics)
@@ -190,25 +192,44 @@ class StudyDriver:
             trial.set_user_attr(key, value)
         record = TrialRecord(trial.number, "FAIL", params=spec.flat_params(), spec_hash=spec_hash,
                              spec=spec.to_dict())
-        with storage.Heartbeat(self._storage, trial._trial_id, cfg.heartbeat_s):
-            reason = self.infeasible(spec)
-            previous = None if reason else self._previous(trial, spec_hash)
-            if reason:
-                record.state, record.failure_class, record.message = "PRUNED", "infeasible", reason
-                record.constraint_violation = INFEASIBLE_VIOLATION
-            elif previous is not None:
-                record.reuse(previous)
-            else:
-                spec.tags.update(self.registry.hooks.trial_launch(spec=spec, trial_number=trial.number, study=study))
-                record.spec = spec.to_dict()
-                trial.set_user_attr("launched", True)
-                self._run_launched(trial, spec, record)
+        try:
+            with storage.Heartbeat(self._storage, trial._trial_id, cfg.heartbeat_s):
+                reason = self.infeasible(spec)
+                previous = None if reason else self._previous(trial, spec_hash)
+                if reason:
+                    record.state, record.failure_class, record.message = "PRUNED", "infeasible", reason
+                    record.constraint_violation = INFEASIBLE_VIOLATION
+                elif previous is not None:
+                    record.reuse(previous)
+                else:
+                    spec.tags.update(self.registry.hooks.trial_launch(spec=spec, trial_number=trial.number,
+                                                                      study=study))
+                    record.spec = spec.to_dict()
+                    trial.set_user_attr("launched", True)
+                    self._run_launched(trial, spec, record)
+        except KeyboardInterrupt:
+            self._interrupted(trial, spec, record, t0)
+            raise
         record.duration_s = time.monotonic() - t0
         self._tell(trial, record)
         self.registry.hooks.trial_finished(spec=spec, record=record, study=study)
         if self.progress is not None:
             self.progress.finished(record)
         return record
+
+    def _interrupted(self, trial: optuna.Trial, spec: TrialSpec, record: TrialRecord, t0: float) -> None:
+        """Ctrl-C during a trial: its processes are killed; the Optuna trial is told FAIL with the failure class
+        ``interrupted`` (it reruns on resume and does not count) and the plugins hear of it through
+        ``harness_trial_finished``, the last hook this driver calls. A second Ctrl-C skips this bookkeeping."""
+        _kill_children()
+        self.console.print(f"[yellow]interrupted during trial #{trial.number}: recording it as "
+                           f"{storage.INTERRUPTED} (press Ctrl-C again to skip)[/yellow]")
+        record.state, record.failure_class, record.values = "FAIL", storage.INTERRUPTED, None
+        record.message = "the driver was interrupted (Ctrl-C) during the trial; it runs again when the study resumes"
+        record.duration_s = time.monotonic() - t0
+        storage.retry_interrupted(self.study, self._storage, trial._trial_id)
+        self._tell(trial, record)
+        self.registry.hooks.trial_finished(spec=spec, record=record, study=self.study)
 
     def _previous(self, trial: optuna.Trial, spec_hash: str) -> TrialRecord | None:
         if self.baseline is not None and self.baseline.spec_hash == spec_hash:
@@ -219,7 +240,7 @@ class StudyDriver:
         from optuna.trial import TrialState
 
         trial.set_user_attr("failure_class", record.failure_class)
-        trial.set_user_attr("failure_message", record.message[:2000])
+        trial.set_user_attr("failure_message", mask_credentials(record.message)[:2000])
         record_constraint(trial, record.constraint_violation or 0.0)
         trial.set_user_attr("record", record.to_dict())
         state = {"COMPLETE": TrialState.COMPLETE, "PRUNED": TrialState.PRUNED}.get(record.state, TrialState.FAIL)
@@ -286,13 +307,13 @@ class StudyDriver:
         try:
             return launch(spec, workdir, LaunchOptions(timeout_s=self.config.trial_timeout_s), on_event=on_event)
         except KeyboardInterrupt:
-            # The trial runs in a session of its own, so Ctrl-C never reached it: end it here. The Optuna trial
-            # stays RUNNING without heartbeats; the next driver fails it as stale and runs it again.
+            # The trial runs in a session of its own, so Ctrl-C never reached it: end it here (the caller records
+            # the trial as interrupted; a baseline trial simply runs again on resume).
             _kill_children()
             raise
         except Exception as exc:  # the launcher itself failed (a missing tool, a full disk): this trial crashed
-            return TrialResult("crashed", {}, f"could not launch the trial: {type(exc).__name__}: {exc}",
-                               spec=spec.to_dict())
+            return TrialResult("crashed", {}, mask_credentials(f"could not launch the trial: {type(exc).__name__}: "
+                                                               f"{exc}"), spec=spec.to_dict())
 
 
 def _kill_children() -> None:

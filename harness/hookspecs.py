@@ -457,7 +457,10 @@ def harness_trial_finished(spec: TrialSpec, record: TrialRecord, study: optuna.S
     """The driver has told Optuna a trial's outcome.
 
     Called on the plugins taking part in the trial, in the driver, for every trial including infeasible ones
-    and reused duplicates.
+    and reused duplicates. When the driver is interrupted (Ctrl-C) during a trial, it kills the trial, tells
+    Optuna FAIL and calls this hook with ``record.failure_class == "interrupted"`` on its way out: the trial
+    runs again when the study resumes, and this is the last hook the driver calls (no
+    :func:`harness_study_end` follows).
 
     :param spec: the trial's TrialSpec (with the tags of :func:`harness_trial_launch`).
     :param record: the :class:`harness.outcomes.TrialRecord` (number, state, failure class and message,

@@ -21,7 +21,7 @@ import pluggy
 
 from harness import hookspecs
 from harness.config import Setting
-from harness.errors import PluginError, SpecError
+from harness.errors import PluginError, SpecError, shown
 from harness.hooks import Hooks
 from harness.measure import CORE_METRICS, Metric
 from harness.space import AXES, Categorical, Float, Int, Technique, did_you_mean
@@ -246,7 +246,7 @@ class Registry:
         tech = self.techniques.get((axis, name))
         if tech is None:
             known = self.names(axis)
-            raise SpecError(f"{where}: unknown technique {name!r} (known: {', '.join(known) or 'none'})"
+            raise SpecError(f"{where}: unknown technique {shown(name)} (known: {', '.join(known) or 'none'})"
                             f"{did_you_mean(name, known)}{self._broken_hint()}")
         return tech
 
@@ -254,7 +254,7 @@ class Registry:
         """The metric a study file names, or SpecError listing the known ones."""
         metric = self.metrics.get(name) if isinstance(name, str) else None
         if metric is None:
-            raise SpecError(f"{where}: unknown metric {name!r} (known: {', '.join(self.metrics)})"
+            raise SpecError(f"{where}: unknown metric {shown(name)} (known: {', '.join(self.metrics)})"
                             f"{did_you_mean(str(name), self.metrics)}")
         return metric
 
@@ -269,7 +269,7 @@ class Registry:
         info = self.workloads.get(name)
         if info is None:
             known = sorted(self.workloads)
-            raise SpecError(f"{where}: unknown workload {name!r} (known: {', '.join(known)}, or module:function)"
+            raise SpecError(f"{where}: unknown workload {shown(name)} (known: {', '.join(known)}, or module:function)"
                             f"{did_you_mean(name, known)}{self._broken_hint()}")
         return info
 

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from harness import report, storage
 from harness.outcomes import TrialRecord
+from harness.redact import mask_credentials
 
 if TYPE_CHECKING:
     import optuna
@@ -70,7 +71,7 @@ class StudyProgress:
             if record.constraint_violation and record.constraint_violation > 0:
                 what += "  (violates the constraints)"
         else:
-            what = f"{record.failure_class}: {record.message[:160]}"
+            what = f"{record.failure_class}: {mask_credentials(record.message)[:160]}"
         self.console.print(f"[{color}]#{record.number:<3} {record.state:<8}[/{color}] "
                            f"{escape(record.label)}  {escape(what)}  ({record.duration_s:.1f} s)")
         self.update()

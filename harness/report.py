@@ -3,7 +3,8 @@ the terminal, and the files written to the output directory (``trials.csv``, ``p
 ``history.png``, ``importance.png``).
 
 Everything here reads the records the driver stored in each Optuna trial's user attributes, so
-``harness report STUDY`` needs only the storage URL.
+``harness report STUDY`` needs only the storage URL. Every string shown or written (messages of failed trials echo
+exceptions, which may hold URLs) goes through :func:`harness.redact.mask_credentials` first.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.outcomes import Objective, TrialRecord
+from harness.redact import mask_all, mask_credentials
 from harness.space import AXES
 from harness.storage import optuna_experimental
 
@@ -35,7 +37,7 @@ def fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
+        return mask_credentials(str(value))
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if key.endswith("_bytes"):
@@ -80,7 +82,8 @@ def print_table(console: Console, study: optuna.Study, records: Sequence[TrialRe
     objectives = list(objectives or objectives_of(study))
     cols = _columns(objectives)
     directions = {o.key: ("max" if o.direction == "maximize" else "min") for o in objectives}
-    table = Table(title=f"study {study.study_name}: Pareto front ({len(pareto)} of {len(records)} trials)")
+    table = Table(title=mask_credentials(f"study {study.study_name}: Pareto front ({len(pareto)} of {len(records)} "
+                                         "trials)"))
     table.add_column("#", justify="right")
     table.add_column("techniques (" + " + ".join(AXES) + ")")
     table.add_column("searched params")
@@ -95,8 +98,9 @@ def print_table(console: Console, study: optuna.Study, records: Sequence[TrialRe
         params = {k.split(".", 2)[-1] if k.split(".")[0] in AXES else k: v
                   for k, v in sorted(chosen.get(r.number, {}).items()) if k not in AXES}
         extra = ", ".join(f"{k}={fmt(k, v)}" for k, v in params.items()) or "-"
-        table.add_row("base" if r.number < 0 else str(r.number), " + ".join(str(r.params.get(a, "")) for a in AXES),
-                      extra, *[fmt(k, r.metrics.get(k)) for k in cols])
+        table.add_row("base" if r.number < 0 else str(r.number),
+                      mask_credentials(" + ".join(str(r.params.get(a, "")) for a in AXES)),
+                      mask_credentials(extra), *[fmt(k, r.metrics.get(k)) for k in cols])
     console.print(table)
     by_outcome: dict[str, int] = {}
     for r in records:
@@ -106,7 +110,7 @@ def print_table(console: Console, study: optuna.Study, records: Sequence[TrialRe
     line = ", ".join(f"{k} {v}" for k, v in sorted(by_outcome.items()))
     if infeasible_constraints:
         line += f" (of the complete: {infeasible_constraints} violate the constraints)"
-    console.print(f"trials: {line}")
+    console.print(mask_credentials(f"trials: {line}"), markup=False)
 
 
 def write_outputs(study: optuna.Study, records: Sequence[TrialRecord], pareto: Sequence[TrialRecord],
@@ -118,12 +122,12 @@ def write_outputs(study: optuna.Study, records: Sequence[TrialRecord], pareto: S
     output_dir.mkdir(parents=True, exist_ok=True)
     written = [write_trials_csv(records, objectives, output_dir / "trials.csv")]
     pareto_json = output_dir / "pareto.json"
-    pareto_json.write_text(json.dumps({
+    pareto_json.write_text(json.dumps(mask_all({
         "study": study.study_name,
         "objectives": [{"metric": o.metric, "key": o.key, "direction": o.direction} for o in objectives],
         "constraints": study.user_attrs.get("constraints", {}),
         "baseline": baseline.to_dict() if baseline else None,
-        "pareto": [r.to_dict() for r in pareto]}, indent=1, default=str))
+        "pareto": [r.to_dict() for r in pareto]}), indent=1, default=lambda v: mask_credentials(str(v))))
     written.append(pareto_json)
     try:
         import matplotlib
@@ -141,25 +145,27 @@ def write_outputs(study: optuna.Study, records: Sequence[TrialRecord], pareto: S
                 if draw(study, records, pareto, objectives, output_dir / name):
                     written.append(output_dir / name)
         except Exception as exc:  # optuna's plots refuse studies with too few or unvarying trials
-            print(f"harness: {name} not written: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            print(mask_credentials(f"harness: {name} not written: {type(exc).__name__}: {first}"))
     return written
 
 
 def write_trials_csv(records: Sequence[TrialRecord], objectives: Sequence[Objective], path: Path) -> Path:
-    """One row per trial record: outcome, objective values, parameters, numeric metrics and message."""
+    """One row per trial record: outcome, objective values, parameters, numeric metrics and message (every string
+    with its credentials masked)."""
     param_keys = sorted({k for r in records for k in r.params})
     metric_keys = sorted({k for r in records for k, v in r.metrics.items() if isinstance(v, (int, float))})
     head = ["number", "state", "failure_class", "feasible", "duplicate_of", "duration_s", "spec_hash"]
     head += [f"value.{o.metric}" for o in objectives] + param_keys + metric_keys + ["message"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(head)
+        writer.writerow(mask_all(head))
         for r in records:
             values = list(r.values) if r.values else [""] * len(objectives)
-            writer.writerow([r.number, r.state, r.failure_class or "", r.feasible, "" if r.duplicate_of is None
-                             else r.duplicate_of, f"{r.duration_s:.2f}", r.spec_hash, *values,
-                             *[r.params.get(k, "") for k in param_keys], *[r.metrics.get(k, "") for k in metric_keys],
-                             r.message])
+            writer.writerow(mask_all([
+                r.number, r.state, r.failure_class or "", r.feasible, "" if r.duplicate_of is None else r.duplicate_of,
+                f"{r.duration_s:.2f}", r.spec_hash, *values, *[r.params.get(k, "") for k in param_keys],
+                *[r.metrics.get(k, "") for k in metric_keys], r.message]))
     return path
 
 
@@ -220,6 +226,8 @@ def _plot_optuna(plot_name: str) -> Drawer:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*computes the importances of params to achieve low",
                                         category=UserWarning)
+                # a small study has parameters seen in one or two trials: the plot still shows what there is
+                warnings.filterwarnings("ignore", message="Some regimes for parameter", category=UserWarning)
                 ax = ovm.plot_param_importances(study, target=lambda t: sign * t.values[0],
                                                 target_name=objectives[0].metric)
         else:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from harness.errors import SpecError
+from harness.errors import SpecError, shown
 
 AXES = ("optimizer", "precision", "compile", "parallelism", "compression")
 
@@ -31,9 +31,9 @@ class Float:
 
     def validate(self, where: str, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SpecError(f"{where}: expected a number in [{self.low}, {self.high}], got {value!r}")
+            raise SpecError(f"{where}: expected a number in [{self.low}, {self.high}], got {shown(value)}")
         if not (self.low <= value <= self.high) or math.isnan(value):
-            raise SpecError(f"{where}: {value!r} is out of range (allowed: {self.low} .. {self.high})")
+            raise SpecError(f"{where}: {shown(value)} is out of range (allowed: {self.low} .. {self.high})")
         return float(value)
 
     def distribution(self, low=None, high=None):
@@ -62,9 +62,9 @@ class Int:
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             else:
-                raise SpecError(f"{where}: expected an integer in [{self.low}, {self.high}], got {value!r}")
+                raise SpecError(f"{where}: expected an integer in [{self.low}, {self.high}], got {shown(value)}")
         if not (self.low <= value <= self.high):
-            raise SpecError(f"{where}: {value!r} is out of range (allowed: {self.low} .. {self.high})")
+            raise SpecError(f"{where}: {shown(value)} is out of range (allowed: {self.low} .. {self.high})")
         return value
 
     def distribution(self, low=None, high=None):
@@ -92,7 +92,7 @@ class Categorical:
                     and value == choice):
                 return choice
         allowed = ", ".join(repr(c) for c in self.choices)
-        raise SpecError(f"{where}: {value!r} is not allowed (allowed: {allowed})")
+        raise SpecError(f"{where}: {shown(value)} is not allowed (allowed: {allowed})")
 
     def distribution(self, choices=None):
         import optuna
@@ -152,7 +152,7 @@ class Technique:
         for key, value in params.items():
             if key not in self.space:
                 allowed = ", ".join(self.space) or "none"
-                raise SpecError(f"{where}: unknown parameter {key!r} of {self.axis} technique {self.name!r} "
+                raise SpecError(f"{where}: unknown parameter {shown(key)} of {self.axis} technique {self.name!r} "
                                 f"(allowed: {allowed}){did_you_mean(key, self.space)}")
             out[key] = self.space[key].validate(f"{where}.{key}", value)
         return out
@@ -192,7 +192,7 @@ def infeasible_reason(spec, techniques: Mapping[tuple[str, str], Technique], env
     for axis in AXES:
         tech = techniques.get((axis, chosen[axis]))
         if tech is None:
-            return f"{axis}: unknown technique {chosen[axis]!r}"
+            return f"{axis}: unknown technique {shown(chosen[axis])}"
         req, label = tech.requires, f"{axis} technique {tech.name!r}"
         wants_cuda = spec.device in ("cuda", "auto") and env.cuda
         if req.cuda and not wants_cuda:
@@ -252,16 +252,17 @@ def param_from_yaml(where: str, base: Param | Validates, value: Any) -> tuple[st
             raise SpecError(f"{where}: a range is allowed only for a numeric parameter (give one value or a list)")
         unknown = set(value) - {"low", "high", "log"}
         if unknown:
-            raise SpecError(f"{where}: unknown key {sorted(unknown)[0]!r} in range (allowed: low, high, log)")
+            first = sorted(map(str, unknown))[0]
+            raise SpecError(f"{where}: unknown key {shown(first)} in range (allowed: low, high, log)")
         low = base.validate(f"{where}.low", value.get("low", base.low))
         high = base.validate(f"{where}.high", value.get("high", base.high))
         if low > high:
-            raise SpecError(f"{where}: inverted range: low {low!r} > high {high!r}")
+            raise SpecError(f"{where}: inverted range: low {shown(low)} > high {shown(high)}")
         if low == high:
             return "fixed", low
         log = bool(value.get("log", base.log))
         if log and low <= 0:
-            raise SpecError(f"{where}: a log range needs low > 0 (got {low!r})")
+            raise SpecError(f"{where}: a log range needs low > 0 (got {shown(low)})")
         dist = dataclasses.replace(base, log=log).distribution(low, high)
         return "dist", dist
     if isinstance(value, Sequence) and not isinstance(value, str):

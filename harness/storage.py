@@ -8,6 +8,7 @@ combination is already running elsewhere (:func:`previous_outcome`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import threading
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.errors import SpecError
 from harness.outcomes import TrialRecord, dominates
+from harness.redact import mask_credentials
 
 if TYPE_CHECKING:
     import optuna
@@ -37,24 +39,86 @@ def optuna_experimental() -> Iterator[None]:
         yield
 
 
+#: the failure class of a trial its driver was interrupted (Ctrl-C) during: recorded, but it reruns and does
+#: not count toward n_trials, like a trial whose driver was killed
+INTERRUPTED = "interrupted"
+
+
 def driver_id() -> str:
     """How trials and claims name the driver process that owns them: ``host:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
 # ============================================================================================ opening
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL (None for other URLs, in-memory databases and URLs with a
+    query string)."""
+    if not url.startswith("sqlite:///") or "?" in url:
+        return None
+    path = url[len("sqlite:///"):]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing) for the duration of the block."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def create_sqlite_once(url: str, create: Callable[[str], None]) -> None:
+    """Make sure the SQLite database of ``url`` exists complete before anyone opens it.
+
+    When its file is missing (or empty), ``create(temp_url)`` builds the schema in a temporary file beside it,
+    which is then renamed into place, all under an exclusive lock on ``<file>.lock``: drivers starting together
+    create it once, and a process killed while creating leaves no half-built database (an existing file is
+    always complete). Other URLs are left alone: their servers serialise schema creation themselves."""
+    path = sqlite_file(url)
+
+    def missing() -> bool:
+        return path is not None and (not path.exists() or path.stat().st_size == 0)
+
+    if path is None or not missing():
+        return
+    with file_lock(path.with_name(path.name + ".lock")):
+        if not missing():
+            return  # another process created it while this one waited for the lock
+        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        try:
+            tmp.unlink(missing_ok=True)
+            create("sqlite:///" + str(tmp))
+            os.replace(tmp, path)
+        finally:
+            for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+                leftover.unlink(missing_ok=True)
+
+
+def _create_optuna_schema(url: str) -> None:
+    import optuna
+
+    created = optuna.storages.RDBStorage(url)
+    created.remove_session()
+    created.engine.dispose()
+
+
 def open_storage(url: str, heartbeat_s: int = 10) -> RDBStorage:
     """Open an Optuna RDB storage with heartbeats; a stale (killed) trial is failed and re-enqueued.
 
-    Raises :class:`SpecError` when the URL is unusable, before anything is created."""
+    A SQLite database is created once, safely under concurrency (:func:`create_sqlite_once`). Raises
+    :class:`SpecError` when the URL is unusable, before anything is created; the message masks credentials."""
     import optuna
 
+    shown = mask_credentials(url)
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if path and path != ":memory:" and not Path(path).resolve().parent.is_dir():
-            raise SpecError(f"storage: {url!r}: directory {str(Path(path).parent)!r} does not exist")
+            raise SpecError(f"storage: {shown!r}: directory {str(Path(path).parent)!r} does not exist")
     elif "://" not in url:
-        raise SpecError(f"storage: {url!r} is not a database URL (e.g. sqlite:///harness.db, "
+        raise SpecError(f"storage: {shown!r} is not a database URL (e.g. sqlite:///harness.db, "
                         "postgresql://host/db, mysql://host/db)")
     engine_kwargs: dict[str, Any] = (
         {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True})
@@ -62,12 +126,14 @@ def open_storage(url: str, heartbeat_s: int = 10) -> RDBStorage:
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback)
     try:
         with optuna_experimental():
+            create_sqlite_once(url, _create_optuna_schema)
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s + 1,
                 heartbeat_stale_trial_callback=retry(max_retry=3))
     except Exception as exc:  # driver missing, host unreachable, bad credentials: all the user's to fix
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise SpecError(f"storage: cannot open {url!r}: {type(exc).__name__}: {first[:200]}") from None
+        raise SpecError(mask_credentials(f"storage: cannot open {shown!r}: {type(exc).__name__}: {first[:200]}")) \
+            from None
 
 
 def existing_directions(storage: RDBStorage, name: str) -> list[str] | None:
@@ -105,6 +171,15 @@ class Heartbeat:
         self.thread.join()
 
 
+def retry_interrupted(study: optuna.Study, storage: RDBStorage, trial_id: int) -> None:
+    """Enqueue the rerun of a trial its driver was interrupted during, as the storage's stale-trial callback
+    does for a killed driver's trial (same parameters, ``failed_trial`` system attribute, retry limit)."""
+    retry = storage.get_heartbeat_stale_trial_callback()
+    if retry is not None:
+        with optuna_experimental():
+            retry(study, storage.get_trial(trial_id))
+
+
 def fail_stale(study: optuna.Study) -> None:
     """Fail the trials whose driver stopped beating (their retry is enqueued by the storage's callback)."""
     import optuna
@@ -115,9 +190,9 @@ def fail_stale(study: optuna.Study) -> None:
 
 # ============================================================================================ trial slots
 def slot(t: FrozenTrial) -> str | None:
-    """How a stored trial stands toward n_trials: "running", "waiting", "interrupted" (its process died before
-    a record was written: it reruns and does not count) or "finished"; None for a surplus trial, which never
-    ran and never counts."""
+    """How a stored trial stands toward n_trials: "running", "waiting", "interrupted" (its driver died before
+    a record was written, or recorded it as :data:`INTERRUPTED` on Ctrl-C: it reruns and does not count) or
+    "finished"; None for a surplus trial, which never ran and never counts."""
     from optuna.trial import TrialState
 
     if t.user_attrs.get("surplus"):
@@ -126,7 +201,8 @@ def slot(t: FrozenTrial) -> str | None:
         return "running"
     if t.state == TrialState.WAITING:
         return "waiting"
-    if t.state == TrialState.FAIL and "record" not in t.user_attrs:
+    if t.state == TrialState.FAIL and ("record" not in t.user_attrs
+                                       or t.user_attrs.get("failure_class") == INTERRUPTED):
         return "interrupted"
     return "finished"
 
@@ -186,7 +262,7 @@ def previous_outcome(study: optuna.Study, trial: optuna.Trial, spec_hash: str,
         for t in study.get_trials(deepcopy=False):
             if t.number == trial.number or t.user_attrs.get("spec_hash") != spec_hash:
                 continue
-            if t.state.is_finished() and "record" in t.user_attrs:
+            if t.state.is_finished() and "record" in t.user_attrs and slot(t) == "finished":
                 return TrialRecord.from_dict(t.user_attrs["record"])
             if t.state == TrialState.RUNNING and t.number < trial.number:
                 running = True

@@ -5,18 +5,24 @@ directories that tests use instead of downloading the real 170 MB archive.
 The python-batch format (``cifar-10-batches-py``): ``data_batch_1`` .. ``data_batch_5`` and ``test_batch``, each
 a pickled dict with ``b"data"`` (uint8, N x 3072: 1024 red, then 1024 green, then 1024 blue values of a 32 x 32
 image, row-major) and ``b"labels"`` (N ints in 0..9); ``batches.meta`` optionally holds the class names.
+
+The batches are pickles, and a pickle can name any function to call: a data directory from elsewhere could run
+code. They are read with :class:`BatchUnpickler`, which admits only what the format holds (dicts, lists, bytes,
+ints, numpy arrays) and refuses every other global before anything is called.
 """
 from __future__ import annotations
 
+import functools
 import pickle
-from collections.abc import Mapping
+from _compat_pickle import IMPORT_MAPPING
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from harness.errors import SpecError
+from harness.errors import SpecError, TrialFailed
 from harness.space import Int
 from harness.workload import TensorSource, Text, WorkloadInfo
 
@@ -56,29 +62,135 @@ def missing_files(data_dir: str | Path) -> list[str]:
 
 
 def validate_data_params(params: Mapping[str, Any]) -> None:
-    """Check ``data_dir`` before launch: it must be a directory holding every CIFAR-10 batch file."""
+    """Check ``data_dir`` before launch: it must be a directory holding every CIFAR-10 batch file, each a batch
+    that the restricted unpickler reads (:func:`check_batches`)."""
     data_dir = params.get("data_dir")
     if data_dir is None:
         return
+    _check_directory(data_dir)
+    check_batches(data_dir)
+
+
+def _check_directory(data_dir: str | Path) -> None:
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise SpecError(f"workload.data_dir: {str(data_dir)!r} is not a directory (expected a CIFAR-10 "
+        raise SpecError(f"workload.data_dir: {_shown_path(data_dir)!r} is not a directory (expected a CIFAR-10 "
                         f"python-batch directory with {', '.join(TRAIN_FILES[:1])}..5 and {TEST_FILE}; "
                         f"leave it unset for synthetic data)")
     missing = missing_files(root)
     if missing:
-        raise SpecError(f"workload.data_dir: {str(data_dir)!r} lacks the CIFAR-10 batch file(s) "
+        raise SpecError(f"workload.data_dir: {_shown_path(data_dir)!r} lacks the CIFAR-10 batch file(s) "
                         f"{', '.join(missing)} (expected data_batch_1..5 and {TEST_FILE})")
 
 
+REFUSED_HINT = "CIFAR batches hold only dicts, lists, bytes and numpy arrays"
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis and its length when cut."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def _shown_path(path: str | Path) -> str:
+    """A path for a message: whole up to 200 characters, else its end (the file's name) after an ellipsis."""
+    text = str(path)
+    return text if len(text) <= 200 else f"...{text[-120:]} ({len(text)} chars)"
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A batch named a global that CIFAR batches never hold (``module.name``)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """What Python 3 pickles a ``bytes`` object as with protocol 2 (``_codecs.encode(text, 'latin1')``); no other
+    codec is admitted."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise RefusedGlobal(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+@functools.cache
+def _admitted() -> dict[tuple[str, str], Callable[..., Any]]:
+    """(module, name) -> object for every global a CIFAR batch may name: bytes as Python 3 pickles them with
+    protocol 2, and numpy's array, dtype and scalar reconstructors, under numpy 1's (``numpy.core``) and numpy 2's
+    (``numpy._core``) module names alike. The objects are taken from numpy's own reductions, so whichever numpy is
+    installed, its deprecated ``numpy.core`` alias is never imported."""
+    array = np.zeros(1, np.uint8)
+    reconstructors = {("multiarray", "_reconstruct"): array.__reduce__()[0],
+                      ("multiarray", "scalar"): np.uint8(0).__reduce__()[0],
+                      ("numeric", "_frombuffer"): array.__reduce_ex__(5)[0]}
+    out: dict[tuple[str, str], Callable[..., Any]] = {
+        ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_bytes, ("builtins", "bytes"): bytes}
+    for package in ("numpy.core", "numpy._core"):
+        for (module, name), obj in reconstructors.items():
+            out[(f"{package}.{module}", name)] = obj
+    return out
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR python batches: :meth:`find_class` admits only the globals of :func:`_admitted` and
+    raises :class:`RefusedGlobal` for any other, so no other code is imported or called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        module = IMPORT_MAPPING.get(module, module)  # Python 2's names (protocol 2 writes __builtin__ for builtins)
+        obj = _admitted().get((module, name))
+        if obj is None:
+            raise RefusedGlobal(f"{module}.{name}")
+        return obj
+
+
+def load_batch(path: str | Path) -> Any:
+    """The object pickled in the CIFAR batch file ``path``, read through :class:`BatchUnpickler`; any other
+    global, or a file that is not a pickle, is a one-line :class:`SpecError` naming the file."""
+    where = f"workload.data_dir: {_shown_path(path)!r}"
+    try:
+        with open(path, "rb") as fh:
+            return BatchUnpickler(fh, encoding="bytes").load()
+    except RefusedGlobal as exc:
+        raise SpecError(f"{where}: refused to load {_short(exc.name)!r} ({REFUSED_HINT})") from None
+    except OSError as exc:
+        raise SpecError(f"{where}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    except Exception as exc:  # truncated or not a pickle at all: UnpicklingError, EOFError, ValueError, ...
+        first = (str(exc).splitlines() or [""])[0]
+        raise SpecError(f"{where}: not a CIFAR python batch ({type(exc).__name__}: {_short(first)})") from None
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as fh:
-        batch = pickle.load(fh, encoding="bytes")
-    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3072)
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    batch = load_batch(path)
+    where = f"workload.data_dir: {_shown_path(path)!r}"
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise SpecError(f"{where}: not a CIFAR python batch (expected a dict with b'data' and b'labels')")
+    try:
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3072)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{where}: not a CIFAR python batch (b'data' must be N x 3072 bytes and b'labels' N ints: "
+                        f"{_short(str(exc))})") from None
     if len(data) != len(labels):
-        raise SpecError(f"workload.data_dir: {str(path)!r} has {len(data)} images but {len(labels)} labels")
+        raise SpecError(f"{where} has {len(data)} images but {len(labels)} labels")
     return data, labels
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_batch(identity: tuple[str, int, int]) -> None:
+    """Read the batch ``identity`` = (path, size, modification time) names; only a batch that reads is cached."""
+    _read_batch(Path(identity[0]))
+
+
+def check_batches(data_dir: str | Path) -> None:
+    """Read every batch file of ``data_dir`` through the restricted unpickler, so a batch that names a refused
+    global or is not a batch at all is a SpecError at validation rather than a failed trial. A file already read
+    unchanged (same size and modification time) in this process is not read again."""
+    root = Path(data_dir).expanduser()
+    for name in TRAIN_FILES + (TEST_FILE,):
+        path = (root / name).resolve()
+        stat = path.stat()
+        _checked_batch((str(path), stat.st_size, stat.st_mtime_ns))
 
 
 def normalise(data: np.ndarray) -> torch.Tensor:
@@ -90,8 +202,9 @@ def normalise(data: np.ndarray) -> torch.Tensor:
 
 
 def read_raw(data_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The raw arrays: ``{"train": (uint8 N x 3072, int64 N), "test": (...)}``."""
-    validate_data_params({"data_dir": str(data_dir)})
+    """The raw arrays: ``{"train": (uint8 N x 3072, int64 N), "test": (...)}``, read through the restricted
+    unpickler."""
+    _check_directory(data_dir)
     root = Path(data_dir).expanduser()
     parts = [_read_batch(root / name) for name in TRAIN_FILES]
     train = (np.concatenate([d for d, _ in parts]), np.concatenate([lab for _, lab in parts]))
@@ -102,8 +215,8 @@ def class_names(data_dir: str | Path) -> tuple[str, ...]:
     """The class names from ``batches.meta`` when present, else the standard CIFAR-10 ones."""
     meta = Path(data_dir).expanduser() / "batches.meta"
     if meta.is_file():
-        with open(meta, "rb") as fh:
-            names = pickle.load(fh, encoding="bytes").get(b"label_names")
+        batch = load_batch(meta)
+        names = batch.get(b"label_names") if isinstance(batch, dict) else None
         if names:
             return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
     return CLASSES
@@ -131,11 +244,18 @@ def synthetic_cifar(n_train: int, n_test: int, seed: int) -> tuple[TensorSource,
 
 def data_sources(seed: int, data_dir: str | None = None, synthetic_samples: int = 8192,
                  synthetic_test_samples: int = 1024) -> tuple[TensorSource, TensorSource, str]:
-    """(train, test, description) for a CIFAR workload's data parameters."""
+    """(train, test, description) for a CIFAR workload's data parameters.
+
+    Validation has read the batches already; one that changed since (refused or unreadable now) fails the trial
+    as ``crashed`` with the reader's one-line message, not as an error of the workload's plugin.
+    """
     if data_dir is None:
         train, test = synthetic_cifar(synthetic_samples, synthetic_test_samples, seed)
         return train, test, "synthetic"
-    train, test = load_cifar(data_dir)
+    try:
+        train, test = load_cifar(data_dir)
+    except SpecError as exc:
+        raise TrialFailed("crashed", str(exc)) from None
     return train, test, str(data_dir)
 
 

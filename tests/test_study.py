@@ -2,9 +2,11 @@
 infeasible combinations, resume after SIGKILL, two drivers on one storage, the report, and bad input."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -65,6 +67,16 @@ def env_with_test_plugin() -> dict:
 def run_cli(args, cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run([*HARNESS, *map(str, args)], cwd=cwd, env=env_with_test_plugin(), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def has_study(tmp: Path, name: str) -> bool:
+    """Whether a driver has created study ``name`` in ``tmp``'s storage, read with sqlite3 alone: opening an Optuna
+    storage on a database whose schema a driver is still creating would race it (both create the tables)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{tmp / 'optuna.db'}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
+    except sqlite3.Error:  # no file yet, or no tables yet
+        return False
 
 
 def load(tmp: Path, name: str) -> optuna.Study:
@@ -179,6 +191,8 @@ def _wait_for(predicate, timeout_s: float, what: str, detail=lambda: ""):
 def _study_state(tmp: Path, name: str, log: Path) -> str:
     """What a study's storage and its driver's log say, for a failed wait's message."""
     try:
+        if not has_study(tmp, name):
+            raise LookupError(f"no study {name!r} in the storage yet")
         trials = [(t.number, t.state.name, t.user_attrs.get("failure_class")) for t in load(tmp, name).get_trials()]
     except Exception as exc:  # only for the message
         trials = f"unreadable: {type(exc).__name__}: {exc}"
@@ -198,7 +212,7 @@ def test_sigkilled_driver_resumes_and_reruns_the_interrupted_trial(tmp_path):
     db = tmp_path / "optuna.db"
 
     def running_after_one_complete():
-        if not db.exists():
+        if not db.exists() or not has_study(tmp_path, "resume"):
             return None
         try:
             trials = load(tmp_path, "resume").get_trials()

@@ -16,8 +16,14 @@ side in the MLflow UI.
   ``energy_per_sample``...), Optuna's intermediate values (``intermediate_value``) and tags (trial number, state,
   failure class and message, spec hash), and closes the run: COMPLETE -> FINISHED, FAIL -> FAILED,
   PRUNED -> KILLED.
+- **Ctrl-C**: the driver reports the running trial as ``interrupted``; its child run and the parent run are
+  closed KILLED on the way out.
 - **Resume**: a child run still RUNNING whose trial has finished in Optuna, or whose driver process is gone,
-  is closed FAILED (``harness.failure_class=crashed``) when a driver starts the study again.
+  is closed FAILED (``harness.failure_class=crashed``) when a driver starts the study again; step metrics a dead
+  driver's trials left in its temporary directory are logged to their runs and removed.
+- **Stores**: a SQLite tracking store is created once, in a temporary file renamed into place under a lock on
+  ``<db>.lock``, so drivers starting together never race on its schema nor leave it half-built.
+- **Credentials**: the password of a tracking URI (or of any URL in a param, tag or message) is masked.
 - **Study end**: ``pareto=true`` (else ``false``) on every child run, the report's files (``trials.csv``,
   ``pareto.png``, ...) as artifacts of the parent run, which is closed FINISHED.
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from harness.redact import mask_credentials
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 #: spec.tags entries the driver hands to the worker
 TAG_RUN_ID, TAG_URI, TAG_SPEC_HASH = "mlflow.run_id", "mlflow.tracking_uri", "mlflow.spec_hash"
@@ -27,7 +29,12 @@ StepMetric = tuple[str, float, int, int]
 
 
 def warn(message: str) -> None:
-    print(f"harness mlflow: {message}", file=sys.stderr)
+    print(f"harness mlflow: {mask_credentials(message)}", file=sys.stderr)
+
+
+def shown(value: Any) -> str:
+    """A param or tag value as MLflow keeps it: a string within its length limit, credentials masked."""
+    return mask_credentials(str(value))[:VALUE_CHARS]
 
 
 def now_ms() -> int:
@@ -82,12 +89,12 @@ def _chunks(items: list[Any], n: int) -> Iterable[list[Any]]:
 
 def log_batch(client: Any, run_id: str, metrics: Iterable[StepMetric] = (),
               params: Iterable[tuple[str, Any]] = (), tags: Iterable[tuple[str, Any]] = ()) -> None:
-    """``client.log_batch`` within MLflow's per-request limits."""
+    """``client.log_batch`` within MLflow's per-request limits; param and tag values pass through :func:`shown`."""
     from mlflow.entities import Metric, Param, RunTag
 
     entries = [Metric(k, v, ts, step) for k, v, ts, step in metrics]
-    param_entries = [Param(k, str(v)[:VALUE_CHARS]) for k, v in params]
-    tag_entries = [RunTag(k, str(v)[:VALUE_CHARS]) for k, v in tags]
+    param_entries = [Param(k, shown(v)) for k, v in params]
+    tag_entries = [RunTag(k, shown(v)) for k, v in tags]
     for chunk in _chunks(entries, BATCH_METRICS):
         client.log_batch(run_id, metrics=chunk)
     for chunk in _chunks(param_entries, BATCH_PARAMS):

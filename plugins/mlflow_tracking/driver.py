@@ -3,6 +3,7 @@ closed once Optuna knows its outcome), orphans of a dead driver closed on resume
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -16,12 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import SpecError
+from harness.redact import mask_credentials
+from harness.storage import INTERRUPTED, create_sqlite_once
 from plugins.mlflow_tracking.client import (
     TAG_RUN_ID,
     TAG_SPEC_HASH,
     TAG_STEPS_FILE,
     TAG_URI,
-    VALUE_CHARS,
     StepMetric,
     all_runs,
     default_artifact_location,
@@ -34,6 +36,7 @@ from plugins.mlflow_tracking.client import (
     numeric,
     numeric_metrics,
     resolve_tracking_uri,
+    shown,
     warn,
 )
 
@@ -44,8 +47,10 @@ if TYPE_CHECKING:
     from harness.outcomes import Objective, TrialRecord
     from harness.studyfile import StudyConfig
 
-#: Optuna state -> MLflow run status
+#: Optuna state -> MLflow run status (a trial the driver was interrupted during is KILLED, like its parent run)
 STATUS = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
+#: the directories trial processes leave their step metrics in, one per driver (under the temp directory)
+STEPS_DIR_PREFIX = "harness-mlflow-steps-"
 
 
 # ============================================================================================ what a study is
@@ -111,6 +116,21 @@ def device_fingerprint() -> dict[str, str]:
     return out
 
 
+def _create_mlflow_schema(url: str) -> None:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(url, Path(url[len("sqlite:///"):]).with_name("mlartifacts").as_uri())
+    store.engine.dispose()
+
+
+def _sqlite_lock(uri: str) -> contextlib.AbstractContextManager[None]:
+    """The creation lock of a SQLite tracking store (nothing for a server, which serialises its own writes)."""
+    from harness.storage import file_lock, sqlite_file
+
+    path = sqlite_file(uri)
+    return file_lock(path.with_name(path.name + ".lock")) if path is not None else contextlib.nullcontext()
+
+
 def _driver_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -155,7 +175,7 @@ def _parent_run(client: Any, experiment: str, config: StudyConfig) -> str:
         run = runs[0]
         client.update_run(run.info.run_id, status="RUNNING")
         have = run.data.params
-        changed = [k for k, v in params.items() if k in have and have[k] != str(v)[:VALUE_CHARS]]
+        changed = [k for k, v in params.items() if k in have and have[k] != shown(v)]
         if changed:
             warn(f"study {config.name!r} resumed with a different {', '.join(changed)}; the parent run keeps the "
                  "first values (MLflow params cannot change)")
@@ -164,7 +184,7 @@ def _parent_run(client: Any, experiment: str, config: StudyConfig) -> str:
         return str(run.info.run_id)
     tags = {"harness.role": "study", "harness.study": config.name, "harness.study_file": getattr(config, "path", ""),
             **fingerprint}
-    run = client.create_run(experiment, run_name=config.name, tags=tags)
+    run = client.create_run(experiment, run_name=config.name, tags={k: shown(v) for k, v in tags.items()})
     log_batch(client, run.info.run_id, params=params.items())
     return str(run.info.run_id)
 
@@ -181,7 +201,12 @@ class StudyRun:
     #: (objective name, result key) pairs: each objective is also logged under its own name
     objectives: list[tuple[str, str]] = field(default_factory=list)
     #: the trial processes' step-metric files (removed at study end)
-    steps_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="harness-mlflow-steps-")))
+    steps_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix=STEPS_DIR_PREFIX)))
+    #: the tracking URI as shown in tags, messages and the worker's spec (credentials masked)
+    shown_uri: str = ""
+
+    def __post_init__(self) -> None:
+        self.shown_uri = mask_credentials(self.uri)
 
     @classmethod
     def open(cls, config: StudyConfig, settings: dict[str, str]) -> StudyRun:
@@ -189,12 +214,17 @@ class StudyRun:
         uri = resolve_tracking_uri(settings.get("tracking_uri"))
         name = settings.get("experiment") or config.name
         try:
-            client = make_client(uri)
-            exp = experiment_id(client, name, settings.get("artifact_location") or default_artifact_location(uri, name))
-            parent = _parent_run(client, exp, config)
+            # a SQLite store is created once, under a lock (drivers starting together would race on its schema),
+            # and the lock also keeps them from creating two parent runs of one study
+            create_sqlite_once(uri, _create_mlflow_schema)
+            with _sqlite_lock(uri):
+                client = make_client(uri)
+                exp = experiment_id(client, name,
+                                    settings.get("artifact_location") or default_artifact_location(uri, name))
+                parent = _parent_run(client, exp, config)
         except Exception as exc:  # unreachable server, bad URI: the user's to fix before trials run
-            raise SpecError(f"mlflow.tracking_uri: cannot use {uri!r}: {type(exc).__name__}: {first_line(exc)}") \
-                from None
+            raise SpecError(mask_credentials(f"mlflow.tracking_uri: cannot use {uri!r}: {type(exc).__name__}: "
+                                             f"{first_line(exc)}")) from None
         return cls(client, uri, exp, parent, [(o.metric, o.key) for o in config.objectives])
 
     def close_orphans(self, study: optuna.Study) -> None:
@@ -215,6 +245,30 @@ class StudyRun:
             log_batch(self.client, run.info.run_id, tags=[
                 ("harness.state", "FAIL"), ("harness.failure_class", "crashed"), ("harness.failure_message", message)])
             self.client.set_terminated(run.info.run_id, status="FAILED")
+        self.log_orphan_step_metrics()
+
+    def log_orphan_step_metrics(self) -> None:
+        """Log the step metrics a dead driver's trials left in its temporary directory to their runs (runs of this
+        study's experiment whose driver is gone; other files are left for their own study), then remove them."""
+        for directory in Path(tempfile.gettempdir()).glob(STEPS_DIR_PREFIX + "*"):
+            if directory == self.steps_dir or not directory.is_dir():
+                continue
+            for path in directory.glob("*.jsonl"):
+                try:
+                    run = self.client.get_run(path.stem)
+                except Exception:  # not a run of this store
+                    continue
+                if run.info.experiment_id != self.experiment_id \
+                        or not _driver_is_gone(run.data.tags.get("harness.driver", "")):
+                    continue
+                try:
+                    log_batch(self.client, path.stem, metrics=read_step_metrics(str(path)))
+                except Exception as exc:  # a deleted run: the metrics have nowhere to go
+                    warn(mask_credentials(f"dropped the step metrics of run {path.stem}: {type(exc).__name__}: "
+                                          f"{first_line(exc)}"))
+                path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only when empty: files of other stores stay
 
     def _create_child(self, spec: TrialSpec, number: int, study: optuna.Study, tags: dict[str, Any]) -> str:
         """A child run with the spec as params and as ``trial_spec.json`` (its tags plus ``tags``)."""
@@ -226,24 +280,26 @@ class StudyRun:
         run_id = str(run.info.run_id)
         log_batch(self.client, run_id, params=spec.flat_params().items())
         spec_dict = spec.to_dict()
-        spec_dict["tags"] = {**spec_dict.get("tags", {}), **tags, TAG_RUN_ID: run_id}
+        spec_dict["tags"] = {k: mask_credentials(v) if isinstance(v, str) else v
+                             for k, v in {**spec_dict.get("tags", {}), **tags, TAG_RUN_ID: run_id}.items()}
         log_spec(self.client, run_id, spec_dict)
         return run_id
 
     def launch(self, spec: TrialSpec, number: int, study: optuna.Study) -> dict[str, str] | None:
         """The child run of a trial about to launch; returns the tags that tell the worker where to write."""
         try:
-            tags = {TAG_URI: self.uri, TAG_SPEC_HASH: spec.spec_hash()}
+            # the worker never contacts the store in a study (it writes the steps file): it gets the masked URI
+            tags = {TAG_URI: self.shown_uri, TAG_SPEC_HASH: spec.spec_hash()}
             run_id = self._create_child(spec, number, study, tags)
         except Exception as exc:  # tracking trouble must not stop the study
-            warn(f"could not create the run of trial #{number}: {type(exc).__name__}: {exc}")
+            warn(mask_credentials(f"could not create the run of trial #{number}: {type(exc).__name__}: {exc}"))
             return None
         return {**tags, TAG_RUN_ID: run_id, TAG_STEPS_FILE: str(self.steps_dir / f"{run_id}.jsonl")}
 
     def finished(self, spec: TrialSpec, record: TrialRecord, study: optuna.Study) -> None:
         """Log the trial's step and final metrics, objectives, intermediate values and tags; close its run."""
         try:
-            run_id = spec.tags.get(TAG_RUN_ID) if spec.tags.get(TAG_URI) == self.uri else None
+            run_id = spec.tags.get(TAG_RUN_ID) if spec.tags.get(TAG_URI) == self.shown_uri else None
             if run_id is None:  # never launched (infeasible, or a combination already run): a run all the same
                 run_id = self._create_child(spec, record.number, study, {})
             ts = now_ms()
@@ -264,9 +320,22 @@ class StudyRun:
                 tags.append(("harness.constraint_violation", str(record.constraint_violation)))
             tags += [(k, v) for k, v in metrics.items() if k.startswith("condition.") and isinstance(v, str) and v]
             log_batch(self.client, run_id, metrics=final, tags=tags)
-            self.client.set_terminated(run_id, status=STATUS.get(record.state, "FAILED"))
+            interrupted = record.failure_class == INTERRUPTED
+            self.client.set_terminated(run_id, status="KILLED" if interrupted else STATUS.get(record.state, "FAILED"))
         except Exception as exc:
-            warn(f"could not record trial #{record.number}: {type(exc).__name__}: {exc}")
+            warn(mask_credentials(f"could not record trial #{record.number}: {type(exc).__name__}: {exc}"))
+        if record.failure_class == INTERRUPTED:
+            self.interrupted()
+
+    def interrupted(self) -> None:
+        """The driver was interrupted (Ctrl-C) during a trial and is stopping: the parent run is closed KILLED
+        (a resumed study sets it RUNNING again)."""
+        try:
+            self.client.set_terminated(self.parent_run_id, status="KILLED")
+        except Exception as exc:
+            warn(mask_credentials(f"could not close the study's run: {type(exc).__name__}: {exc}"))
+        finally:
+            shutil.rmtree(self.steps_dir, ignore_errors=True)
 
     def end(self, records: Sequence[TrialRecord], pareto: Sequence[TrialRecord], objectives: Sequence[Objective],
             output_dir: Path) -> None:
@@ -293,6 +362,6 @@ class StudyRun:
                 ("trials_pruned", counts["PRUNED"], ts, 0), ("pareto_size", len(front), ts, 0)])
             self.client.set_terminated(self.parent_run_id, status="FINISHED")
         except Exception as exc:
-            warn(f"could not finish the study's run: {type(exc).__name__}: {exc}")
+            warn(mask_credentials(f"could not finish the study's run: {type(exc).__name__}: {exc}"))
         finally:
             shutil.rmtree(self.steps_dir, ignore_errors=True)
