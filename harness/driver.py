@@ -114,11 +114,30 @@ class StudyDriver:
         self.registry.hooks.study_start(study=study, config=cfg)
         t0 = time.monotonic()
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if not self._loop(t0):
+                return [], []
+        except KeyboardInterrupt:
+            # a trial that was running has been finished as interrupted; the plugins close the rest
+            self.registry.hooks.study_interrupted(study=study, config=cfg)
+            raise
+        records = report.records_from_study(study)
+        pareto = pareto_front(records, cfg.objectives)
+        report.print_table(self.console, study, records, pareto, baseline=self.baseline, objectives=cfg.objectives)
+        written = report.write_outputs(study, records, pareto, cfg.objectives, self.output_dir, baseline=self.baseline)
+        self.console.print(f"wrote {', '.join(p.name for p in written)} to {self.output_dir}")
+        self.registry.hooks.study_end(study=study, config=cfg, records=records, pareto=pareto,
+                                      output_dir=self.output_dir)
+        return records, pareto
+
+    def _loop(self, t0: float) -> bool:
+        """The baseline, then trials until n_trials or the timeout; False when the baseline could not run."""
+        study, cfg = self.study, self.config
         with StudyProgress(self.console, study, cfg, self.n_trials) as self.progress:
             if cfg.needs_baseline:
                 self.baseline = self.ensure_baseline()
                 if self.baseline is None:
-                    return [], []
+                    return False
             while True:
                 storage.fail_stale(study)
                 c = storage.counts(study)
@@ -139,14 +158,7 @@ class StudyDriver:
                 if not storage.give_way_if_surplus(study, trial, self.n_trials):
                     self.run_trial(trial)
             self._status("done")
-        records = report.records_from_study(study)
-        pareto = pareto_front(records, cfg.objectives)
-        report.print_table(self.console, study, records, pareto, baseline=self.baseline, objectives=cfg.objectives)
-        written = report.write_outputs(study, records, pareto, cfg.objectives, self.output_dir, baseline=self.baseline)
-        self.console.print(f"wrote {', '.join(p.name for p in written)} to {self.output_dir}")
-        self.registry.hooks.study_end(study=study, config=cfg, records=records, pareto=pareto,
-                                      output_dir=self.output_dir)
-        return records, pareto
+        return True
 
     def _status(self, current: str, refresh: bool = True) -> None:
         if self.progress is not None:

@@ -177,3 +177,6 @@ class Hooks:
                   pareto: list[TrialRecord], output_dir: Path) -> None:
         self._all("harness_study_end", study=study, config=config, records=records, pareto=pareto,
                   output_dir=output_dir)
+
+    def study_interrupted(self, study: optuna.Study, config: StudyConfig) -> None:
+        self._all("harness_study_interrupted", study=study, config=config)

@@ -1,15 +1,14 @@
 """The plugin authors' contract: every hook the harness calls, when, with what, and what a return value means.
 
-Implement hooks with ``@harness.hookimpl`` in a module (or a class, instantiated once per process) registered
-under the ``harness.plugins`` entry-point group. An implementation may accept any subset of a hook's arguments
-(pluggy passes them by name).
+Implement hooks with ``@harness.hookimpl`` in a module (or a class, instantiated once per process) registered under
+``harness.plugins`` entry points; an implementation may accept any subset of a hook's arguments (pluggy passes them
+by name).
 
 Which plugins are called (dispatch by declaration; no implementation checks ``spec.<axis>.name`` itself):
 
 - **declarations** (``harness_declare_*``): every plugin, once, when plugins load.
-- **technique hooks** (marked ``axis``): only the plugin that declared the technique the trial selected on that
-  axis. ``harness_build_optimizer`` of a plugin declaring ``adamw`` runs only in trials whose optimizer is
-  ``adamw``. They are *firstresult*: the first non-None result wins.
+- **technique hooks** (marked ``axis``, *firstresult*): only the plugin that declared the technique the trial
+  selected on that axis (a plugin declaring ``adamw`` builds the optimizer only in ``adamw`` trials).
 - **trial hooks**: the plugins *taking part* in the trial: those that declared one of its techniques (any
   axis) or its workload, and the observer plugins that declare neither (trackers, telemetry), which see
   every trial.
@@ -30,6 +29,8 @@ The lifecycle, written once (``docs/architecture.md`` quotes this block; a test 
         harness_trial_finished(spec, record, study)                # infeasible and reused trials too
       print and write the report
       harness_study_end(study, config, records, pareto, output_dir)
+      on Ctrl-C: the running trial is killed and finished as interrupted, then
+      harness_study_interrupted(study, config)                   # instead of harness_study_end
 
     worker (python -m harness.worker, one per rank)
       harness_check_combination(spec, env, workload_kinds)
@@ -78,14 +79,13 @@ hookspec = pluggy.HookspecMarker("harness")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-#: what a hook implementation's ``loss`` returns: ``loss(outputs, targets, inputs) -> scalar tensor``.
+#: ``loss(outputs, targets, inputs) -> scalar tensor``, what ``harness_build_loss`` returns.
 LossFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
 def technique_hook(axis: str) -> Callable[[_F], _F]:
     """Mark a hook as belonging to ``axis``: it is called only on the plugin that declared the trial's selected
     technique on that axis, and the first non-None result wins."""
-
     def mark(func: _F) -> _F:
         func.harness_axis = axis  # type: ignore[attr-defined]
         return hookspec(firstresult=True)(func)
@@ -95,12 +95,11 @@ def technique_hook(axis: str) -> Callable[[_F], _F]:
 
 def axis_of(hook_name: str) -> str | None:
     """The axis a technique hook belongs to, or None for a declaration, trial or study hook."""
-    func = globals().get(hook_name)
-    return getattr(func, "harness_axis", None)
+    return getattr(globals().get(hook_name), "harness_axis", None)
 
 
 #: the hooks called on every plugin; the other hooks are axis-bound (:func:`axis_of`) or trial hooks.
-STUDY_HOOKS = ("harness_study_start", "harness_study_end")
+STUDY_HOOKS = ("harness_study_start", "harness_study_end", "harness_study_interrupted")
 DECLARATION_HOOKS = ("harness_declare_techniques", "harness_declare_workloads", "harness_declare_metrics",
                      "harness_declare_study_settings")
 
@@ -457,10 +456,8 @@ def harness_trial_finished(spec: TrialSpec, record: TrialRecord, study: optuna.S
     """The driver has told Optuna a trial's outcome.
 
     Called on the plugins taking part in the trial, in the driver, for every trial including infeasible ones
-    and reused duplicates. When the driver is interrupted (Ctrl-C) during a trial, it kills the trial, tells
-    Optuna FAIL and calls this hook with ``record.failure_class == "interrupted"`` on its way out: the trial
-    runs again when the study resumes, and this is the last hook the driver calls (no
-    :func:`harness_study_end` follows).
+    and reused duplicates; on Ctrl-C during a trial, with ``record.failure_class == "interrupted"`` (the trial
+    runs again on resume), and :func:`harness_study_interrupted` follows.
 
     :param spec: the trial's TrialSpec (with the tags of :func:`harness_trial_launch`).
     :param record: the :class:`harness.outcomes.TrialRecord` (number, state, failure class and message,
@@ -483,6 +480,20 @@ def harness_study_end(study: optuna.Study, config: StudyConfig, records: list[Tr
     :param records: every :class:`harness.outcomes.TrialRecord` of the study.
     :param pareto: the non-dominated records (the Pareto front).
     :param output_dir: where the report's plots and tables were written.
+    :returns: nothing (the return value is ignored).
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def harness_study_interrupted(study: optuna.Study, config: StudyConfig) -> None:
+    """The driver is stopping on Ctrl-C: close what the study holds open (a tracker's study run, as killed).
+
+    Called on every plugin, once, instead of :func:`harness_study_end`, wherever the interrupt came (a trial, the
+    baseline, a wait), after a running trial was reported to :func:`harness_trial_finished` as ``interrupted``.
+
+    :param study: the ``optuna.Study``.
+    :param config: the :class:`harness.studyfile.StudyConfig`.
     :returns: nothing (the return value is ignored).
     """
     raise NotImplementedError

@@ -208,6 +208,42 @@ def test_ctrl_c_marks_the_trial_interrupted_and_its_runs_killed_and_resume_rerun
     assert [r.info.status for r in runs if r.data.tags.get("harness.role") == "study"] == ["FINISHED"]
 
 
+def test_study_interrupted_reaches_every_plugin_through_the_facade(make_registry):
+    from harness import hookimpl
+
+    seen = []
+
+    class Observer:
+        @hookimpl
+        def harness_study_interrupted(self, study, config):
+            seen.append((study, config))
+
+    registry = make_registry(Observer)
+    registry.hooks.study_interrupted(study="the study", config="its config")
+    assert seen == [("the study", "its config")]
+
+
+def test_ctrl_c_during_the_baseline_closes_the_study_run_killed(tmp_path):
+    """Interrupted outside any Optuna trial (here: while the baseline trial runs), the driver still tells the
+    plugins (``harness_study_interrupted``): the MLflow parent run does not stay RUNNING."""
+    path = study_file(tmp_path, "ctrlbase", constraints={"accuracy": ">= 0.5 * baseline"},
+                      budget={"steps": 4000, "warmup_steps": 2, "windows": 2})
+    log = tmp_path / "driver.log"
+    proc = driver(path, tmp_path, log)
+    try:
+        wait_for(lambda: psutil.Process(proc.pid).children(recursive=True), 120, "the baseline trial's process", log)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (parent,) = [r for r in mlflow_runs(tmp_path, "ctrlbase") if r.data.tags.get("harness.role") == "study"]
+    assert parent.info.status == "KILLED"
+    assert counted(trials(tmp_path, "ctrlbase")) == []
+
+
 # ============================================================================================ step buffers
 def test_step_metrics_left_by_a_sigkilled_driver_are_logged_on_resume(tmp_path):
     path = study_file(tmp_path, "buffers", n_trials=1, budget={"steps": 4000, "warmup_steps": 2, "windows": 2})

@@ -16,8 +16,8 @@ side in the MLflow UI.
   ``energy_per_sample``...), Optuna's intermediate values (``intermediate_value``) and tags (trial number, state,
   failure class and message, spec hash), and closes the run: COMPLETE -> FINISHED, FAIL -> FAILED,
   PRUNED -> KILLED.
-- **Ctrl-C**: the driver reports the running trial as ``interrupted``; its child run and the parent run are
-  closed KILLED on the way out.
+- **Ctrl-C**: the driver reports the running trial as ``interrupted`` (its child run is closed KILLED), then
+  ``harness_study_interrupted`` closes the parent run KILLED, wherever the interrupt came.
 - **Resume**: a child run still RUNNING whose trial has finished in Optuna, or whose driver process is gone,
   is closed FAILED (``harness.failure_class=crashed``) when a driver starts the study again; step metrics a dead
   driver's trials left in its temporary directory are logged to their runs and removed.
@@ -110,6 +110,12 @@ class MLflowTracking:
     def harness_trial_finished(self, spec: TrialSpec, record: TrialRecord, study: optuna.Study) -> None:
         if self._study is not None:
             self._study.finished(spec, record, study)
+
+    @hookimpl
+    def harness_study_interrupted(self) -> None:
+        study_run, self._study = self._study, None
+        if study_run is not None:
+            study_run.interrupted()
 
     @hookimpl
     def harness_study_end(self, config: StudyConfig, records: list[TrialRecord], pareto: list[TrialRecord],

@@ -324,12 +324,10 @@ class StudyRun:
             self.client.set_terminated(run_id, status="KILLED" if interrupted else STATUS.get(record.state, "FAILED"))
         except Exception as exc:
             warn(mask_credentials(f"could not record trial #{record.number}: {type(exc).__name__}: {exc}"))
-        if record.failure_class == INTERRUPTED:
-            self.interrupted()
 
     def interrupted(self) -> None:
-        """The driver was interrupted (Ctrl-C) during a trial and is stopping: the parent run is closed KILLED
-        (a resumed study sets it RUNNING again)."""
+        """The driver was interrupted (Ctrl-C) and is stopping: the parent run is closed KILLED (a resumed study
+        sets it RUNNING again)."""
         try:
             self.client.set_terminated(self.parent_run_id, status="KILLED")
         except Exception as exc:
