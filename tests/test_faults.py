@@ -86,6 +86,19 @@ def wait_for(predicate, timeout_s: float, what: str, log: Path):
     raise AssertionError(f"timed out waiting for {what}; driver output: {log.read_text(errors='replace')[-2000:]}")
 
 
+def interrupt(proc: subprocess.Popen, log: Path) -> None:
+    """Ctrl-C on a driver whose trial is under way: it must exit 130."""
+    time.sleep(1.0)  # the trial is under way
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
+
+
+def kill_if_alive(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def running_launched_trial(cwd: Path, name: str):
     if not (cwd / "harness.db").exists():
         return None
@@ -180,13 +193,9 @@ def test_ctrl_c_marks_the_trial_interrupted_and_its_runs_killed_and_resume_rerun
     try:
         running = wait_for(lambda: running_launched_trial(tmp_path, "ctrlc"), 120, "a launched trial", log)
         workers = wait_for(lambda: psutil.Process(proc.pid).children(recursive=True), 30, "the trial process", log)
-        time.sleep(1.0)  # the trial is under way
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
+        interrupt(proc, log)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_alive(proc)
     assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "trial killed"
     old = next(t for t in trials(tmp_path, "ctrlc") if t.number == running.number)
     assert old.state == TrialState.FAIL
@@ -232,13 +241,9 @@ def test_ctrl_c_during_the_baseline_closes_the_study_run_killed(tmp_path):
     proc = driver(path, tmp_path, log)
     try:
         wait_for(lambda: psutil.Process(proc.pid).children(recursive=True), 120, "the baseline trial's process", log)
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130, log.read_text()[-2000:]
+        interrupt(proc, log)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_alive(proc)
     (parent,) = [r for r in mlflow_runs(tmp_path, "ctrlbase") if r.data.tags.get("harness.role") == "study"]
     assert parent.info.status == "KILLED"
     assert counted(trials(tmp_path, "ctrlbase")) == []
