@@ -19,6 +19,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from waiting import wait_until
 
 from harness.errors import SpecError
 from harness.storage import INTERRUPTED, open_storage
@@ -77,13 +78,8 @@ def mlflow_runs(cwd: Path, experiment: str) -> list:
 
 
 def wait_for(predicate, timeout_s: float, what: str, log: Path):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; driver output: {log.read_text(errors='replace')[-2000:]}")
+    return wait_until(predicate, timeout_s, what,
+                      lambda: f"; driver output: {log.read_text(errors='replace')[-2000:]}")
 
 
 def interrupt(proc: subprocess.Popen, log: Path) -> None:

@@ -2,11 +2,9 @@
 infeasible combinations, resume after SIGKILL, two drivers on one storage, the report, and bad input."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import optuna
 import psutil
 import pytest
 import yaml
+from waiting import wait_until
 
 TESTS = Path(__file__).resolve().parent
 HARNESS = [sys.executable, "-m", "harness.cli"]
@@ -67,16 +66,6 @@ def env_with_test_plugin() -> dict:
 def run_cli(args, cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run([*HARNESS, *map(str, args)], cwd=cwd, env=env_with_test_plugin(), capture_output=True,
                           text=True, timeout=timeout)
-
-
-def has_study(tmp: Path, name: str) -> bool:
-    """Whether a driver has created study ``name`` in ``tmp``'s storage, read with sqlite3 alone: opening an Optuna
-    storage on a database whose schema a driver is still creating would race it (both create the tables)."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{tmp / 'optuna.db'}?mode=ro", uri=True)) as db:
-            return db.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
-    except sqlite3.Error:  # no file yet, or no tables yet
-        return False
 
 
 def load(tmp: Path, name: str) -> optuna.Study:
@@ -178,21 +167,9 @@ def test_injected_failures_get_their_class_and_infeasible_trials_are_never_launc
 
 
 # ============================================================================================ resume, scale-out
-def _wait_for(predicate, timeout_s: float, what: str, detail=lambda: ""):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}{detail()}")
-
-
 def _study_state(tmp: Path, name: str, log: Path) -> str:
     """What a study's storage and its driver's log say, for a failed wait's message."""
     try:
-        if not has_study(tmp, name):
-            raise LookupError(f"no study {name!r} in the storage yet")
         trials = [(t.number, t.state.name, t.user_attrs.get("failure_class")) for t in load(tmp, name).get_trials()]
     except Exception as exc:  # only for the message
         trials = f"unreadable: {type(exc).__name__}: {exc}"
@@ -212,7 +189,7 @@ def test_sigkilled_driver_resumes_and_reruns_the_interrupted_trial(tmp_path):
     db = tmp_path / "optuna.db"
 
     def running_after_one_complete():
-        if not db.exists() or not has_study(tmp_path, "resume"):
+        if not db.exists():  # the storage's file appears complete (created aside, then renamed)
             return None
         try:
             trials = load(tmp_path, "resume").get_trials()
@@ -223,7 +200,7 @@ def test_sigkilled_driver_resumes_and_reruns_the_interrupted_trial(tmp_path):
         return (done, running[0]) if done and running else None
 
     try:
-        done_before, interrupted = _wait_for(running_after_one_complete, 240, "a running trial after a complete one",
+        done_before, interrupted = wait_until(running_after_one_complete, 240, "a running trial after a complete one",
                                                lambda: _study_state(tmp_path, "resume", log))
         workers = psutil.Process(driver.pid).children(recursive=True)
     finally:
