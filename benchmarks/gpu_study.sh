@@ -6,7 +6,8 @@
 # offline. With no CIFAR-10 in data/cifar-10-batches-py it writes a CIFAR-format set in its place
 # (plugins._cifar.write_tiny_cifar: 20,000 + 2,000 class-coloured noise images; easy, so accuracy is ~1.0):
 # the GPU machines here have no network to fetch the real one.
-# SECONDS goes to `harness study --timeout` (no new trial starts after it). The MLflow plugin is off
+# SECONDS goes to `harness study --timeout` (no new trial starts after it). GPUS=0 (or 0,1) limits the GPU slots
+# the study uses (default: every visible GPU, one trial per GPU at a time); NTRIALS overrides n_trials. The MLflow plugin is off
 # (HARNESS_DISABLE_PLUGINS=mlflow) so that the wall time is the study's own.
 set -uo pipefail
 study=$1 out=$2 seconds=$3
@@ -28,9 +29,10 @@ fi
 } > "$out/$study-conditions.txt" 2>&1
 export HARNESS_DISABLE_PLUGINS=mlflow PYTHONUNBUFFERED=1 COLUMNS=200
 start=$(date +%s)
-harness study "studies/$study-gpu.yaml" --timeout "$seconds" --storage "sqlite:///$out/$study.db" \
-  --output-dir "/tmp/harness-out/$study" 2>&1 | tee "$out/$study.log"
-echo "study wall time: $(( $(date +%s) - start )) s" | tee -a "$out/$study.log"
-cp "/tmp/harness-out/$study/trials.csv" "$out/$study-trials.csv" 2>/dev/null
-cp "/tmp/harness-out/$study/pareto.json" "$out/$study-pareto.json" 2>/dev/null
+tag=$study${GPUS:+-gpus${GPUS//,/}}   # its own storage, outputs and compile cache per GPU set
+harness study "studies/$study-gpu.yaml" --timeout "$seconds" --storage "sqlite:///$out/$tag.db" \
+  --output-dir "/tmp/harness-out/$tag" ${GPUS:+--gpus "$GPUS"} ${NTRIALS:+--n-trials "$NTRIALS"} 2>&1 | tee "$out/$tag.log"
+echo "study wall time: $(( $(date +%s) - start )) s" | tee -a "$out/$tag.log"
+cp "/tmp/harness-out/$tag/trials.csv" "$out/$tag-trials.csv" 2>/dev/null
+cp "/tmp/harness-out/$tag/pareto.json" "$out/$tag-pareto.json" 2>/dev/null
 true

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from harness.errors import SpecError, one_line, shown
+from harness.listing import plugin_listing, trial_settings
 from harness.redact import mask_credentials
 from harness.studyfile import DEFAULT_STORAGE
 
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--timeout", type=float, help="override timeout_s (seconds before no new trial starts)")
     study.add_argument("--storage", help=f"override the Optuna storage URL (default {DEFAULT_STORAGE})")
     study.add_argument("--output-dir", help="override output_dir (plots, trials.csv, pareto.json)")
+    study.add_argument("--gpus", help="override gpus: the GPUs whose slots run trials at once ('all' or '0,1')")
 
     report = sub.add_parser("report", help="re-print the Pareto table of a study from its storage")
     report.add_argument("study", help="study name")
@@ -159,6 +161,7 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
         raise SpecError(f"--timeout: expected seconds >= 0, got {args.timeout}")
     options = LaunchOptions(nnodes=args.nnodes, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
                             timeout_s=args.timeout)
+    print_settings(spec, options)
     result = run_with_progress(spec, options)
     print_result(spec, result)
     if args.json:
@@ -167,32 +170,54 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def run_with_progress(spec: TrialSpec, options: LaunchOptions) -> TrialResult:
-    """Launch the trial in its own process and show a progress bar fed by its event stream."""
+    """Launch the trial in its own process and show a progress bar fed by its event stream. The trial's working
+    directory is removed afterwards, unless the failure message points into it (its ``worker.log``)."""
+    import shutil
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from harness.launch import launch
 
-    with tempfile.TemporaryDirectory(prefix="harness-run-") as tmp, Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False) as progress:
-        task = progress.add_task(spec.label(), total=None, info="starting")
+    workdir = tempfile.mkdtemp(prefix="harness-run-")
+    result: TrialResult | None = None
+    try:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total} steps"), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), transient=False) as progress:
+            task = progress.add_task(spec.label(), total=None, info="starting")
 
-        def on_event(event: dict[str, Any]) -> None:
-            kind = event.get("event")
-            if kind == "start":
-                progress.update(task, total=event.get("total_steps") or None, info="compiling / warming up")
-            elif kind in ("progress", "window"):
-                progress.update(task, completed=event["step"])
-                if kind == "window":
-                    m = event["metrics"]
-                    progress.update(task, info=f"loss {m['train_loss']:.4g}  {m['throughput_samples_per_s']:,.0f} "
-                                    "samples/s")
-            elif kind == "eval":
-                progress.update(task, info=f"accuracy {event['metrics']['accuracy']:.4f}")
+            def on_event(event: dict[str, Any]) -> None:
+                kind = event.get("event")
+                if kind == "start":
+                    progress.update(task, total=event.get("total_steps") or None, info="compiling / warming up")
+                elif kind in ("progress", "window"):
+                    progress.update(task, completed=event["step"])
+                    if kind == "window":
+                        m = event["metrics"]
+                        progress.update(task, info=f"loss {m['train_loss']:.4g}  "
+                                                   f"{m['throughput_samples_per_s']:,.0f} samples/s")
+                elif kind == "eval":
+                    progress.update(task, info=f"accuracy {event['metrics']['accuracy']:.4f}")
 
-        result = launch(spec, Path(tmp), options, on_event=on_event)
-        progress.update(task, info=result.status)
+            result = launch(spec, Path(workdir), options, on_event=on_event)
+            progress.update(task, info=result.status)
+    finally:
+        if result is None or result.ok or workdir not in result.message:
+            shutil.rmtree(workdir, ignore_errors=True)
     return result
+
+
+def print_settings(spec: TrialSpec, options: LaunchOptions | None = None) -> None:
+    """Print the settings the trial runs with, before it starts (so the result table is never a puzzle)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="settings", show_header=False)
+    table.add_column("setting")
+    table.add_column("value", overflow="fold")
+    for key, value in trial_settings(spec, options):
+        table.add_row(key, mask_credentials(value))
+    Console().print(table)
 
 
 def print_result(spec: TrialSpec, result: TrialResult) -> None:
@@ -236,6 +261,10 @@ def cmd_study(args: argparse.Namespace, registry: Registry) -> int:
         config.storage = args.storage
     if args.output_dir:
         config.output_dir = args.output_dir
+    if args.gpus is not None:
+        from harness.slots import parse_gpus
+
+        config.gpus = parse_gpus("--gpus", args.gpus)
     check_destinations(config)  # with the flags applied, before any storage is opened
     n_trials = integer("--n-trials", args.n_trials) if args.n_trials is not None else None
     timeout_s = positive("--timeout", args.timeout, " of seconds") if args.timeout is not None else None
@@ -272,9 +301,9 @@ def cmd_report(args: argparse.Namespace, registry: Registry) -> int:
     # a study the driver did not create has no stored objectives: show it by throughput
     objectives = report.objectives_of(study) or [Objective.of(registry.metric("objectives", "throughput"))]
     records = report.records_from_study(study)
-    pareto = pareto_front(records, objectives)
     stored = study.user_attrs.get("baseline")
     baseline = TrialRecord.from_dict(stored) if stored else None
+    pareto = pareto_front(records, objectives, baseline)
     console = _wide_console()
     report.print_table(console, study, records, pareto, baseline=baseline, objectives=objectives)
     if args.output_dir:
@@ -284,24 +313,11 @@ def cmd_report(args: argparse.Namespace, registry: Registry) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ plugins
-def plugin_listing(registry: Registry) -> list[dict[str, Any]]:
-    """One JSON-able entry per plugin: name, module, distribution, version, what it adds, its hooks, its error."""
-    out = []
-    for name, rec in sorted(registry.records.items()):
-        if name == "harness-core":
-            continue
-        out.append({"name": name, "module": rec.module, "distribution": rec.distribution, "version": rec.version,
-                    "techniques": [{"axis": t.axis, "name": t.name, "params": sorted(t.space)}
-                                   for t in rec.techniques],
-                    "workloads": [{"name": w.name, "params": sorted(w.params)} for w in rec.workloads],
-                    "hooks": list(rec.hooks), "error": rec.error})
-    return out
-
-
 def cmd_plugins(args: argparse.Namespace, registry: Registry) -> int:
     """``harness plugins``: every plugin with its distribution and version, the techniques and workloads it
-    adds and the hooks it implements. A plugin that failed to load is listed with its error (exit 0 all the
-    same: the others work). ``--check`` adds the conformance check and exits 1 when a plugin fails it."""
+    adds (and whether this machine can run each technique) and the hooks it implements. A plugin that failed to
+    load is listed with its error (exit 0 all the same: the others work). ``--check`` adds the conformance check
+    and exits 1 when a plugin fails it or failed to load."""
     from rich.console import Console
     from rich.table import Table
 
@@ -313,9 +329,10 @@ def cmd_plugins(args: argparse.Namespace, registry: Registry) -> int:
         for entry in listing:
             plugin = registry.plugin(entry["name"])
             entry["problems"] = check_plugin(plugin, raises=False) if plugin is not None else []
-    failed = any(entry.get("problems") for entry in listing)
+    broken = [e["name"] for e in listing if e["error"]]
+    failed = check and (bool(broken) or any(entry.get("problems") for entry in listing))
     if getattr(args, "json", False):
-        print(json.dumps(listing, indent=1))
+        print(json.dumps(listing, indent=1, default=repr))
         return EXIT_FAILED if failed else EXIT_OK
     console = Console()
     if not console.is_terminal:  # pipes and logs: wide enough that errors stay readable
@@ -328,12 +345,15 @@ def cmd_plugins(args: argparse.Namespace, registry: Registry) -> int:
         if entry["error"]:
             table.add_row(entry["name"], dist, f"[red]error: {entry['error']}[/red]", "")
             continue
-        adds = ([f"{t['axis']}: {t['name']}" for t in entry["techniques"]]
-                + [f"workload: {w['name']}" for w in entry["workloads"]])
+        adds = []
+        for t in entry["techniques"]:
+            label = f"{t['axis']}: {t['name']}"
+            why = t["why_not"].removeprefix(f"{t['axis']} technique {t['name']!r} ")
+            adds.append(label if t["runs_here"] else f"{label} [yellow](not on this machine: {why})[/yellow]")
+        adds += [f"workload: {w['name']}" for w in entry["workloads"]]
         hooks = [h.removeprefix("harness_") for h in entry["hooks"]]
         table.add_row(entry["name"], dist, "\n".join(adds), ", ".join(hooks))
     console.print(table)
-    broken = [e["name"] for e in listing if e["error"]]
     if broken:
         console.print(f"[red]{len(broken)} plugin(s) failed to load and are left out: {', '.join(broken)}[/red]")
     if check:
@@ -341,7 +361,12 @@ def cmd_plugins(args: argparse.Namespace, registry: Registry) -> int:
             for problem in entry.get("problems", []):
                 console.print(f"[red]conformance:[/red] {problem}", highlight=False, markup=False)
         checked = sum(1 for e in listing if not e["error"])
-        console.print("conformance: " + ("problems found" if failed else f"{checked} plugin(s) conform"))
+        verdict = f"{checked} plugin(s) conform"
+        if any(entry.get("problems") for entry in listing):
+            verdict = "problems found"
+        elif broken:
+            verdict += f", {len(broken)} failed to load"
+        console.print("conformance: " + verdict)
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -352,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.command:
             parser.print_help()
             return EXIT_USAGE
-        from harness.plugins import get_registry
+        from harness.plugins import get_registry, workload_search_path
 
         registry = get_registry(disable=args.disable)
         handler = {"run": cmd_run, "plugins": cmd_plugins, "study": cmd_study, "report": cmd_report}[args.command]
@@ -360,9 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = os.environ.get("HARNESS_DISABLE_PLUGINS")
         if args.disable:
             os.environ["HARNESS_DISABLE_PLUGINS"] = ",".join(filter(None, [previous, *args.disable]))
+        # A `module:function` workload is found in the current directory or next to the study or trial file
+        # (here and, through PYTHONPATH, in the trial processes).
+        file = getattr(args, "file", None) or getattr(args, "trial", None)
+        undo_path = workload_search_path(os.getcwd(), *([os.path.dirname(os.path.abspath(file))] if file else []))
         try:
             return handler(args, registry)
         finally:
+            undo_path()
             if args.disable:
                 if previous is None:
                     os.environ.pop("HARNESS_DISABLE_PLUGINS", None)

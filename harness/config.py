@@ -59,6 +59,9 @@ class Budget:
     eval_every_steps: int = 0
     #: at most this many held-out samples are evaluated (0: all).
     eval_samples: int = 0
+    #: a trial whose throughput's 95 % interval is wider than this (relative half-width) is timed again once with
+    #: as many windows, then marked ``throughput_noisy`` if it still is (0: never).
+    noise_threshold: float = 0.1
 
 
 @dataclass
@@ -329,6 +332,10 @@ def parse_budget(where: str, data: Any) -> Budget:
     for key in ("epochs", "seconds"):
         if getattr(budget, key) is not None:
             positive(f"{where}.{key}", getattr(budget, key))
+    if isinstance(budget.noise_threshold, bool) or not isinstance(budget.noise_threshold, (int, float)) \
+            or not 0 <= budget.noise_threshold < 1:
+        raise SpecError(f"{where}.noise_threshold: expected a fraction from 0 (off) to below 1, got "
+                        f"{shown(budget.noise_threshold)}")
     given = [k for k in ("steps", "epochs", "seconds") if getattr(budget, k) is not None]
     if not given:
         raise SpecError(f"{where}: give one of steps, epochs, seconds")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -19,9 +21,20 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.markup import escape
 
-from harness import report, storage
+from harness import feasibility, report, storage
+from harness.concurrency import SlotLoop, kill_children
 from harness.errors import SpecError
-from harness.outcomes import INFEASIBLE_VIOLATION, TrialRecord, objective_values, pareto_front, violation
+from harness.outcomes import (
+    CI_REL_KEY,
+    INFEASIBLE_VIOLATION,
+    THROUGHPUT_KEY,
+    TrialRecord,
+    compare_to_baseline,
+    objective_values,
+    pareto_front,
+    same_within_noise,
+    violation,
+)
 from harness.progress import StudyProgress
 from harness.redact import mask_credentials
 from harness.sampling import (
@@ -32,6 +45,7 @@ from harness.sampling import (
     record_constraint,
     suggest_spec,
 )
+from harness.slots import SlotPool
 from harness.space import Environment, infeasible_reason
 from harness.studyfile import StudyConfig
 
@@ -44,7 +58,7 @@ if TYPE_CHECKING:
     from harness.trial import TrialResult
 
 
-class StudyDriver:
+class StudyDriver(SlotLoop):
     """Runs a study: asks Optuna, checks feasibility, launches, tells; see the module docstring."""
 
     #: the study's storage, set by :meth:`open`.
@@ -61,6 +75,17 @@ class StudyDriver:
         self.baseline: TrialRecord | None = None
         self.progress: StudyProgress | None = None
         self._study: optuna.Study | None = None
+        #: lines shown when the study starts: techniques left out here, axes no objective measures.
+        self.start_lines: list[str] = []
+        #: combinations ruled out after repeated identical failures (:func:`harness.feasibility.vetoes`).
+        self.vetoes: dict[tuple[tuple[str, str], ...], str] = {}
+        self.launched = 0
+        self.ruled_out = 0
+        #: the host's slots (GPUs, or CPU slots), set by :meth:`open`; trials run concurrently when > 1.
+        self.pool = SlotPool([0], "cpu")
+        self._local = threading.local()  # .slots: the slots the current thread's trial holds
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # bookkeeping shared by the trial threads
 
     @property
     def study(self) -> optuna.Study:
@@ -89,6 +114,17 @@ class StudyDriver:
         for key, value in attrs.items():
             if self._study.user_attrs.get(key) != value:
                 self._study.set_user_attr(key, value)
+        # Techniques this machine can never run leave the space (and the sampler) before the first trial.
+        unavailable = feasibility.unavailable_techniques(cfg, self.registry, self.env)
+        self.config, self.start_lines = feasibility.narrow_space(cfg, unavailable,
+                                                                 feasibility.stored_choices(self._study))
+        self.pool = self.slot_pool()
+        if self.pool.size > 1 and (self.config.sampler == "tpe" or (self.config.sampler == "auto"
+                                                                    and not self.config.multi_objective)):
+            # concurrent trials: running ones count as their worst outcome so far, not as absent
+            self.config.sampler_options = {"constant_liar": True, **self.config.sampler_options}
+        self._study.sampler = make_sampler(self.config)
+        self.start_lines += feasibility.unmeasured_axes(self.config, self.registry)
         return self._study
 
     def infeasible(self, spec: TrialSpec) -> str | None:
@@ -102,6 +138,9 @@ class StudyDriver:
             return reason
         if spec.batch_size % spec.devices:
             return f"batch_size: {spec.batch_size} is not divisible by the {spec.devices} processes"
+        if self.pool.kind == "gpu" and spec.devices > self.pool.size:
+            return (f"devices: {spec.devices} GPUs per trial, but this study runs on {self.pool.size} "
+                    f"(gpus: {', '.join(map(str, self.pool.ids))})")
         return None
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -114,6 +153,8 @@ class StudyDriver:
         self.registry.hooks.study_start(study=study, config=cfg)
         t0 = time.monotonic()
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        for line in self.start_lines:
+            self.console.print(f"[yellow]{escape(line)}[/yellow]")
         try:
             if not self._loop(t0):
                 return [], []
@@ -122,10 +163,15 @@ class StudyDriver:
             self.registry.hooks.study_interrupted(study=study, config=cfg)
             raise
         records = report.records_from_study(study)
-        pareto = pareto_front(records, cfg.objectives)
+        pareto = pareto_front(records, cfg.objectives, self.baseline)
         report.print_table(self.console, study, records, pareto, baseline=self.baseline, objectives=cfg.objectives)
         written = report.write_outputs(study, records, pareto, cfg.objectives, self.output_dir, baseline=self.baseline)
         self.console.print(f"wrote {', '.join(p.name for p in written)} to {self.output_dir}")
+        overheads = sorted((r.metrics["overhead_s"], r.duration_s) for r in records if "overhead_s" in r.metrics)
+        if overheads:
+            fixed, wall = overheads[len(overheads) // 2]
+            self.console.print(f"per-trial fixed cost (process start, imports, model build, compilation, warm-up): "
+                               f"median {fixed:.1f} s of {wall:.1f} s per launched trial")
         self.registry.hooks.study_end(study=study, config=cfg, records=records, pareto=pareto,
                                       output_dir=self.output_dir)
         return records, pareto
@@ -135,9 +181,11 @@ class StudyDriver:
         study, cfg = self.study, self.config
         with StudyProgress(self.console, study, cfg, self.n_trials) as self.progress:
             if cfg.needs_baseline:
-                self.baseline = self.ensure_baseline()
+                self.baseline = self.ensure_baseline()  # first, and alone
                 if self.baseline is None:
                     return False
+            if self.pool.size > 1:
+                return self._loop_concurrent(t0)
             while True:
                 storage.fail_stale(study)
                 c = storage.counts(study)
@@ -156,21 +204,60 @@ class StudyDriver:
                                             category=UserWarning)
                     trial = study.ask()
                 if not storage.give_way_if_surplus(study, trial, self.n_trials):
-                    self.run_trial(trial)
+                    self._after(self.run_trial(trial))
+                if self.ruled_out >= feasibility.ruled_out_limit(self.n_trials):
+                    self.console.print(f"[red]stopping: the sampler proposed {self.ruled_out} combinations that "
+                                       "were ruled out before launch (infeasible here or vetoed); widen the "
+                                       "search space or remove the techniques named above[/red]")
+                    break
             self._status("done")
         return True
 
+    def _after(self, record: TrialRecord) -> None:
+        """Bookkeeping after a trial: the ruled-out count, new vetoes, the periodic baseline re-measurement."""
+        if record.failure_class == "infeasible" and not record.metrics:
+            self.ruled_out += 1
+            return
+        if record.duplicate_of is not None:
+            return
+        self.launched += 1
+        vetoes = feasibility.vetoes(report.records_from_study(self.study), self.registry)
+        for combo, why in vetoes.items():
+            if combo not in self.vetoes:
+                self.console.print(f"[yellow]{escape(mask_credentials(why))}[/yellow]")
+        self.vetoes = vetoes
+        every = self.config.remeasure_baseline_every
+        if self.baseline is not None and every and self.launched % every == 0:
+            self.remeasure_baseline()
+
+    def trial_timeout_s(self) -> float:
+        """The study file's ``trial_timeout_s``, or with ``auto``: 10x the baseline trial's wall time (at least
+        300 s), 1800 s while no baseline has run."""
+        if self.config.trial_timeout_s is not None:
+            return self.config.trial_timeout_s
+        if self.baseline is not None and self.baseline.duration_s > 0:
+            return max(AUTO_TIMEOUT_MIN_S, AUTO_TIMEOUT_FACTOR * self.baseline.duration_s)
+        return AUTO_TIMEOUT_FIRST_S
+
     def _status(self, current: str, refresh: bool = True) -> None:
-        if self.progress is not None:
+        if self.progress is None:
+            return
+        slots = getattr(self._local, "slots", None)
+        if slots is None or self.pool.size == 1:
             self.progress.update(current, refresh)
+            return
+        self.pool.label(slots, current)  # concurrent trials: one entry per slot
+        self.progress.update(" | ".join(f"{self.pool.kind} {slot}: {what}"
+                                        for slot, what in sorted(self.pool.running.items())), refresh)
 
     # ------------------------------------------------------------------------------------------ one trial
     def ensure_baseline(self) -> TrialRecord | None:
         """Run the baseline trial once per study (kept in the study's user attributes across resumes)."""
-        stored = storage.claim_baseline(self.study, self.config.trial_timeout_s + 60, self._status)
+        stored = storage.claim_baseline(self.study, self.trial_timeout_s() + 60, self._status)
         if stored:
             return TrialRecord.from_dict(stored)
         spec = baseline_spec(self.config, self.registry)
+        spec.tags["wanted_metrics"] = self.wanted_metrics()
         record = TrialRecord(-1, "FAIL", params=spec.flat_params(), spec_hash=spec.spec_hash(), spec=spec.to_dict())
         reason = self.infeasible(spec)
         t0 = time.monotonic()
@@ -194,11 +281,67 @@ class StudyDriver:
             f"{c.metric} {c.op} {report.fmt(c.key, bound) if bound is not None else '?'}" for c, bound in bounds))
         return record
 
-    def run_trial(self, trial: optuna.Trial) -> TrialRecord:
-        """Run one asked trial to its end and tell Optuna; never raises for a failing trial."""
+    def remeasure_baseline(self) -> None:
+        """Run the baseline again (every ``remeasure_baseline_every`` launched trials) so that a machine whose
+        speed drifts during a long study (heat, a busy neighbour) shows it; kept in ``baseline_checks``."""
+        if self.baseline is None:
+            return
+        checks = list(self.study.user_attrs.get("baseline_checks", []))
+        spec = baseline_spec(self.config, self.registry)
+        spec.tags["wanted_metrics"] = self.wanted_metrics()
+        self._status(f"baseline again ({len(checks) + 1}): {spec.label()}")
+        result = self._launch(spec, self.output_dir / "trials" / f"baseline-{len(checks) + 1}", None)
+        if not result.ok:
+            self.console.print(f"[yellow]baseline re-measurement failed ({result.status}): "
+                               f"{escape(mask_credentials(result.message))}[/yellow]")
+            return
+        change = compare_to_baseline(result.metrics, self.baseline.metrics)
+        keys = (THROUGHPUT_KEY, CI_REL_KEY)
+        checks.append({"after_trials": self.launched, "time": time.time(), **change,
+                       **{k: result.metrics[k] for k in keys if k in result.metrics}})
+        self.study.set_user_attr("baseline_checks", checks)
+        ratio = change.get("speedup_vs_baseline")
+        if ratio is None:
+            return
+        verdict = ("inside the measurement noise" if same_within_noise(result.metrics, self.baseline.metrics,
+                                                                         THROUGHPUT_KEY)
+                   else "beyond the measurement noise: this machine's speed changed during the study, so compare "
+                        "trials measured close together")
+        self.console.print(f"baseline re-measured after {self.launched} trials: "
+                           f"{report.fmt(THROUGHPUT_KEY, result.metrics[THROUGHPUT_KEY])} samples/s, "
+                           f"{ratio - 1:+.1%} against its first measurement ({verdict})")
+
+    def wanted_metrics(self) -> list[str]:
+        """The result keys the study's objectives and constraints read: a plugin may skip measuring others."""
+        return sorted({o.key for o in self.config.objectives} | {c.key for c in self.config.constraints})
+
+    def compile_cache_env(self) -> dict[str, str]:
+        """torch.compile's caches (Inductor's FX graphs and AOTAutograd, Triton's kernels) in one directory of the
+        study, ``output_dir/compile-cache``, shared by its trials and kept across resumes; variables the user
+        set win."""
+        root = (self.output_dir / "compile-cache").resolve()
+        wanted = {"TORCHINDUCTOR_CACHE_DIR": root / "inductor", "TRITON_CACHE_DIR": root / "triton"}
+        return {k: str(v) for k, v in wanted.items() if k not in os.environ}
+
+    def _timeout_hint(self, status: str) -> str:
+        if status != "timeout":
+            return ""
+        limit = self.trial_timeout_s()
+        if self.config.trial_timeout_s is not None:
+            return f" (trial_timeout_s is {limit:.0f} s in the study file; raise it if such trials need longer)"
+        base = f", 10x the baseline's {self.baseline.duration_s:.0f} s" if self.baseline is not None else ""
+        return f" (trial_timeout_s: auto allowed {limit:.0f} s{base}; set trial_timeout_s to allow more)"
+
+    def run_trial(self, trial: optuna.Trial, spec: TrialSpec | None = None) -> TrialRecord:
+        """Run one asked trial (``spec``: its sampled spec, when already drawn) to its end and tell Optuna;
+        never raises for a failing trial."""
         t0 = time.monotonic()
         study, cfg = self.study, self.config
-        spec = suggest_spec(trial, cfg, self.registry)
+        spec = spec or suggest_spec(trial, cfg, self.registry)
+        slots = getattr(self._local, "slots", None)
+        if slots is not None:
+            spec.tags["slots"] = self.pool.names(slots)  # where it ran, in its record, trials.csv and MLflow
+        spec.tags["wanted_metrics"] = self.wanted_metrics()
         spec_hash = spec.spec_hash()
         for key, value in (("spec_hash", spec_hash), ("label", spec.label()), ("driver", storage.driver_id())):
             trial.set_user_attr(key, value)
@@ -206,7 +349,7 @@ class StudyDriver:
                              spec=spec.to_dict())
         try:
             with storage.Heartbeat(self._storage, trial._trial_id, cfg.heartbeat_s):
-                reason = self.infeasible(spec)
+                reason = self.infeasible(spec) or feasibility.vetoed(spec, self.vetoes)
                 previous = None if reason else self._previous(trial, spec_hash)
                 if reason:
                     record.state, record.failure_class, record.message = "PRUNED", "infeasible", reason
@@ -219,10 +362,17 @@ class StudyDriver:
                     record.spec = spec.to_dict()
                     trial.set_user_attr("launched", True)
                     self._run_launched(trial, spec, record)
+                    if self._stopping.is_set():  # Ctrl-C in the main thread killed this slot's trial
+                        self._interrupted(trial, spec, record, t0)
+                        return record
         except KeyboardInterrupt:
             self._interrupted(trial, spec, record, t0)
             raise
         record.duration_s = time.monotonic() - t0
+        if trial.user_attrs.get("launched") and "train_time_s" in record.metrics:
+            # the fixed cost of a trial: process start, imports, model build, compilation, capture, warm-up
+            timed = float(record.metrics["train_time_s"]) + float(record.metrics.get("eval_s", 0.0))
+            record.metrics["overhead_s"] = max(0.0, record.duration_s - timed)
         self._tell(trial, record)
         self.registry.hooks.trial_finished(spec=spec, record=record, study=study)
         if self.progress is not None:
@@ -233,7 +383,7 @@ class StudyDriver:
         """Ctrl-C during a trial: its processes are killed; the Optuna trial is told FAIL with the failure class
         ``interrupted`` (it reruns on resume and does not count) and the plugins hear of it through
         ``harness_trial_finished``, the last hook this driver calls. A second Ctrl-C skips this bookkeeping."""
-        _kill_children()
+        kill_children()
         self.console.print(f"[yellow]interrupted during trial #{trial.number}: recording it as "
                            f"{storage.INTERRUPTED} (press Ctrl-C again to skip)[/yellow]")
         record.state, record.failure_class, record.values = "FAIL", storage.INTERRUPTED, None
@@ -271,7 +421,7 @@ class StudyDriver:
             short.budget = copy.deepcopy(cfg.screening)
             result = self._launch(short, workdir / "screen", None)
             if not result.ok:
-                record.failed(result.status, f"screening: {result.message}", result.metrics)
+                record.failed(result.status, f"screening: {result.message}", result.metrics, cfg.objectives)
                 return
             screen = [float(result.metrics.get("throughput_samples_per_s", 0.0)),
                       float(result.metrics.get("peak_memory_bytes", 0.0))]
@@ -279,15 +429,21 @@ class StudyDriver:
             rival = storage.screening_rival(self.study, trial.number, screen, cfg.screening_margin)
             if rival is not None:
                 number, (thr, mem) = rival
-                record.state, record.failure_class, record.metrics = "PRUNED", "screened", dict(result.metrics)
-                record.message = (f"dominated at screening by trial #{number} ({thr:,.0f} vs {screen[0]:,.0f} "
-                                  f"samples/s, {mem / 2**20:,.0f} vs {screen[1] / 2**20:,.0f} MiB)")
+                message = (f"dominated at screening by trial #{number} ({thr:,.0f} vs {screen[0]:,.0f} "
+                           f"samples/s, {mem / 2**20:,.0f} vs {screen[1] / 2**20:,.0f} MiB)")
+                # PRUNED with no result shown as if it were one: the short run's figures under their own names
+                record.failed("pruned", message, result.metrics, cfg.objectives)
+                record.failure_class = "screened"
+                record.metrics.update(screen_throughput_samples_per_s=screen[0], screen_peak_memory_bytes=screen[1])
                 return
         result = self._launch(spec, workdir, trial)
         if not result.ok:
-            record.failed(result.status, result.message, result.metrics)
+            record.failed(result.status, result.message + self._timeout_hint(result.status), result.metrics,
+                          cfg.objectives)
             return
         record.metrics = dict(result.metrics)
+        if self.baseline is not None:
+            record.metrics.update(compare_to_baseline(result.metrics, self.baseline.metrics))
         record.metrics.update({f"condition.{k}": v for k, v in result.conditions.items()})
         record.values = objective_values(cfg.objectives, result.metrics)
         if record.values is None:
@@ -317,27 +473,20 @@ class StudyDriver:
             return prune(event) if prune is not None else None
 
         try:
-            return launch(spec, workdir, LaunchOptions(timeout_s=self.config.trial_timeout_s), on_event=on_event)
+            slots = getattr(self._local, "slots", None)
+            env = {**self.compile_cache_env(), **(self.pool.env(slots) if slots is not None else {})}
+            return launch(spec, workdir, LaunchOptions(timeout_s=self.trial_timeout_s(), env=env),
+                          on_event=on_event)
         except KeyboardInterrupt:
             # The trial runs in a session of its own, so Ctrl-C never reached it: end it here (the caller records
             # the trial as interrupted; a baseline trial simply runs again on resume).
-            _kill_children()
+            kill_children()
             raise
         except Exception as exc:  # the launcher itself failed (a missing tool, a full disk): this trial crashed
             return TrialResult("crashed", {}, mask_credentials(f"could not launch the trial: {type(exc).__name__}: "
                                                                f"{exc}"), spec=spec.to_dict())
 
 
-def _kill_children() -> None:
-    """SIGKILL the trial processes this driver started (its descendants)."""
-    try:
-        import psutil
-
-        children = psutil.Process().children(recursive=True)
-    except Exception:  # psutil missing: nothing more can be done here
-        return
-    for child in children:
-        try:
-            child.kill()
-        except Exception:  # already gone
-            pass
+#: ``trial_timeout_s: auto``: this many times the baseline's wall time, at least AUTO_TIMEOUT_MIN_S; before the
+#: baseline has run (or in a study without one), AUTO_TIMEOUT_FIRST_S.
+AUTO_TIMEOUT_FACTOR, AUTO_TIMEOUT_MIN_S, AUTO_TIMEOUT_FIRST_S = 10.0, 300.0, 1800.0

@@ -29,10 +29,48 @@ def looks_like_compile_error(exc: BaseException) -> bool:
     return any(c.__module__.split(".")[0] == "torch" and c.__name__ == "BackendCompilerFailed" for c in mro)
 
 
+#: how many characters of an exception's first line a failure message keeps.
+MESSAGE_CHARS = 300
+
+
 def first_line(exc: BaseException) -> str:
-    """``TypeName: first line of the message``."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    """``TypeName: first line of the message`` (cut to :data:`MESSAGE_CHARS`)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if len(line) > MESSAGE_CHARS:
+        line = line[:MESSAGE_CHARS] + "..."
+    return f"{type(exc).__name__}: {line}".rstrip(": ")
+
+
+def short_path(path: str) -> str:
+    """A source file as people read it: from the package root for installed code (``torch/nn/...``), relative
+    to the current directory when under it, else as given."""
+    norm = path.replace(os.sep, "/")
+    for marker in ("/site-packages/", "/dist-packages/"):
+        if marker in norm:
+            return norm.rsplit(marker, 1)[1]
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return rel if not rel.startswith("..") else path
+
+
+def where_raised(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost frame of ``exc``'s traceback (empty without one)."""
+    frames = list(traceback.walk_tb(exc.__traceback__))
+    if not frames:
+        return ""
+    frame, line = frames[-1]
+    return f"{short_path(frame.f_code.co_filename)}:{line} in {frame.f_code.co_name}"
+
+
+def report_traceback(exc: BaseException, phase: str) -> None:
+    """Write ``exc``'s full traceback to stderr: a trial's ``worker.log`` in its working directory, whose path
+    the launcher adds to the failure message (the message itself stays one line)."""
+    print(f"harness: the trial failed during {phase}; full traceback:", file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def compile_failure(exc: BaseException, technique: str) -> TrialFailed | None:
@@ -71,9 +109,14 @@ class FailureClassifier:
         return name
 
     def classify(self, exc: Exception, phase: str) -> tuple[str, str]:
-        """``(failure class, one-line message)`` for an exception raised during ``phase`` of the trial."""
+        """``(failure class, one-line message)`` for an exception raised during ``phase`` of the trial.
+
+        The message is one sentence: the exception's type and first line, the phase and where it was raised;
+        the full traceback goes to stderr (the trial's ``worker.log``) for any exception the harness did not
+        raise on purpose."""
         if isinstance(exc, TrialFailed):
             return exc.failure_class, exc.message
+        report_traceback(exc, phase)
         if isinstance(exc, torch.OutOfMemoryError):
             return "oom", f"out of memory during {phase}: {(str(exc).splitlines() or [''])[0]}"
         text = first_line(exc)
@@ -81,8 +124,8 @@ class FailureClassifier:
             return "oom", f"out of memory during {phase}: {text}"
         if looks_like_compile_error(exc):
             return "compile-error", text
+        where = where_raised(exc)
         plugin = self.blame(exc)
         if plugin is not None:
-            return "plugin-error", f"plugin {plugin!r} raised during {phase}: {text}"
-        tb = "".join(traceback.format_exception(exc)[-3:]).strip().replace("\n", " | ")
-        return "crashed", f"{text} (during {phase}; {tb[-300:]})"
+            return "plugin-error", f"plugin {plugin!r} raised during {phase}: {text}" + (f" (at {where})" * bool(where))
+        return "crashed", f"{text} (during {phase}" + (f", at {where})" if where else ")")

@@ -1,8 +1,7 @@
 """The plugin authors' contract: every hook the harness calls, when, with what, and what a return value means.
 
-Implement hooks with ``@harness.hookimpl`` in a module (or a class, instantiated once per process) registered under
-``harness.plugins`` entry points; an implementation may accept any subset of a hook's arguments (pluggy passes them
-by name).
+Implement hooks with ``@harness.hookimpl`` in a module (or a class, made once per process) registered under
+``harness.plugins`` entry points; an implementation may take any subset of a hook's arguments (passed by name).
 
 Which plugins are called (dispatch by declaration; no implementation checks ``spec.<axis>.name`` itself):
 
@@ -20,7 +19,7 @@ The lifecycle, written once (``docs/architecture.md`` quotes this block; a test 
       harness_study_start(study, config)
       for each trial Optuna asks for:
         spec = the sampled TrialSpec
-        infeasible? declared requirements + harness_check_combination(spec, env, workload_kinds)
+        infeasible or vetoed? requirements + harness_check_combination(spec, env, workload_kinds)
         already run (same spec hash)? reuse that outcome
         otherwise:
           tags = harness_trial_launch(spec, trial_number, study)   # merged into spec.tags
@@ -51,6 +50,7 @@ The lifecycle, written once (``docs/architecture.md`` quotes this block; a test 
       compressed = harness_compress_after_training(model, trainer, workload, spec, device)   # compression axis
       if compressed: evaluate it: harness_trial_evaluated(trial, step, metrics)
       metrics += harness_measure_model(model, workload, spec, device)           # rank 0
+      throughput too noisy? time more windows (harness_measure_window, harness_trial_window again)
       metrics += harness_measure_trial(trial, status)                           # rank 0; failed trials too
       harness_trial_end(trial, result)                                          # rank 0; failed trials too
 """

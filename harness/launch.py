@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ class LaunchOptions:
     rdzv_endpoint: str = ""
     #: seconds allowed for the whole trial (setup, compile, training, evaluation); 0 means no limit.
     timeout_s: float = 0
+    #: environment variables for the trial's processes (a study slot's CUDA_VISIBLE_DEVICES and thread count).
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -80,6 +82,7 @@ def worker_env(spec: TrialSpec, options: LaunchOptions) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if is_multiprocess(spec, options) and "OMP_NUM_THREADS" not in os.environ and runs_on_cpu(spec):
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // spec.devices))
+    env.update(options.env)
     return env
 
 
@@ -163,14 +166,17 @@ def launch(spec: TrialSpec, workdir: Path, options: LaunchOptions | None = None,
         return TrialResult("pruned", {"wall_s": wall}, "stopped early by the pruner", spec=spec.to_dict())
     result = first_failure(workdir, result_path)
     if result is not None:
+        if not result.ok and log_path.exists() and "Traceback (most recent call last)" in log_path.read_text(
+                errors="replace"):  # the worker wrote the full traceback there (harness.failures)
+            result.message += f"; full traceback: {log_path}"
         return result
     if proc.returncode == 0 and options.node_rank > 0:
         # rank 0 lives on node 0 and writes the result there; this node's ranks all finished cleanly
         return TrialResult("ok", {"wall_s": wall}, f"node {options.node_rank}: all ranks finished; node 0 reports "
                                                    "the result", spec=spec.to_dict())
-    tail = log_path.read_text(errors="replace").strip().splitlines()[-5:] if log_path.exists() else []
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if log_path.exists() else []
     how = f"killed by {_signal_name(proc.returncode)}" if proc.returncode < 0 else f"exited with {proc.returncode}"
-    detail = " | ".join(tail)[-500:]
+    detail = f"{tail[0].strip()[:300]}; full log: {log_path}" if tail else ""
     return TrialResult("crashed", {"wall_s": wall}, f"trial process {how}" + (f": {detail}" if detail else ""),
                        spec=spec.to_dict())
 

@@ -1,5 +1,8 @@
 """The timed training loop of a trial: the compiling first step (``compile_s``), warm-up (``warmup_s``), then
-timing windows whose steady-state throughput is the trial's figure.
+timing windows whose steady-state throughput is the trial's figure, with its 95 % interval from the windows'
+spread. A trial whose interval is wider than ``budget.noise_threshold`` is timed again once with as many windows
+(:meth:`TimedLoop.remeasure`, after the trial's results are measured so the extra steps change none of them) and
+is marked ``throughput_noisy`` when it still is.
 
 Nothing inside the timed region waits for the device: a window's start and end are device events (host clock
 on the CPU) read one window later, and its last loss is copied to the host behind its work
@@ -18,6 +21,7 @@ import torch
 from harness import measure
 from harness.errors import TrialFailed
 from harness.failures import compile_failure
+from harness.outcomes import CI_REL_KEY
 
 if TYPE_CHECKING:
     from harness.hooks import Hooks
@@ -56,6 +60,8 @@ class TimedLoop:
         self.clock = measure.Clock(trial.device)
         #: (steps, seconds) of every closed timed window.
         self.windows: list[tuple[int, float]] = []
+        #: steps per timing window (decided when the timed phase starts).
+        self.window_steps = 1
 
     def run(self) -> None:
         trial = self.trial
@@ -109,6 +115,7 @@ class TimedLoop:
         else:
             timed_total = max(1, trial.total_steps - trial.steps_done)
             window_steps = max(1, math.ceil(timed_total / budget.windows))
+        self.window_steps = window_steps
         pending: _Pending | None = None
         trial.phase = "timed"
         timed_done = 0
@@ -149,7 +156,7 @@ class TimedLoop:
         clock.sync()
         return loss
 
-    def _close(self, pending: _Pending) -> None:
+    def _close(self, pending: _Pending, event: bool = True) -> None:
         seconds = self.clock.elapsed(pending.start, pending.end)
         self.windows.append((pending.steps, seconds))
         loss = float(pending.loss)
@@ -157,7 +164,69 @@ class TimedLoop:
         metrics = {"train_loss": loss,
                    "throughput_samples_per_s": pending.steps * self.trial.spec.batch_size / seconds,
                    "lr": self.trial.engine.lr(), "phase": "timed"}
-        self._observe(pending.step, metrics, event=True)
+        self._observe(pending.step, metrics, event=event)
+
+    # ------------------------------------------------------------------------------------------ noise
+    def remeasure(self, allowed: bool = True) -> None:
+        """Time the trial again when its throughput's 95 % interval is wider than ``budget.noise_threshold``
+        (relative half-width): once, with as many windows as the budget's, pooled with the first ones; then set
+        ``throughput_noisy`` (1: still too wide) and ``throughput_remeasured``.
+
+        Called after the trial's results (held-out metrics, compression, model measurements) are taken, so the
+        extra steps, which do train the model, change nothing reported but the timing. ``allowed`` is False when
+        compression changed the model the train step runs (pruned, sparse weights), whose steps would then time
+        something else: the trial is only marked. The extra windows send no window events (a pruner must not
+        stop a trial that is measured), and a failure during them keeps the first measurement. Every rank takes
+        the same decision (the widest interval of all ranks), since their steps communicate."""
+        trial = self.trial
+        threshold = trial.spec.budget.noise_threshold
+        rel = self._widest(trial.metrics.get(CI_REL_KEY))
+        if not threshold or rel is None:
+            return
+        remeasured = False
+        if rel > threshold and allowed:
+            phase, trial.phase = trial.phase, "timed"
+            try:
+                trial.engine.train(True)
+                self._extra_windows(len(self.windows))
+                remeasured = True
+            except Exception:  # the trial's results stand; its timing is marked noisy below
+                pass
+            finally:
+                trial.phase = phase
+            self._timing_metrics()
+            rel = self._widest(trial.metrics.get(CI_REL_KEY))
+        trial.metrics["throughput_remeasured"] = int(remeasured)
+        trial.metrics["throughput_noisy"] = int(rel is None or rel > threshold)
+
+    def _extra_windows(self, count: int) -> None:
+        """``count`` more timing windows of the same length (their ends read one window later, as in the budget's)."""
+        trial, clock = self.trial, self.clock
+        pending: _Pending | None = None
+        loss: Any = None
+        for _ in range(count):
+            start = clock.mark()
+            for _ in range(self.window_steps):
+                loss = trial.step_fn(*next(trial.batches))
+            end = clock.mark()
+            snap = _LossSnapshot(loss)
+            trial.steps_done += self.window_steps
+            if pending is not None:
+                self._close(pending, event=False)
+            pending = _Pending(start, end, self.window_steps, snap, trial.steps_done)
+        if pending is not None:
+            self._close(pending, event=False)
+        clock.sync()
+
+    def _widest(self, value: Any) -> float | None:
+        """The largest ``value`` over the trial's ranks (None: no interval on this rank)."""
+        if self.trial.dist.world == 1:
+            return None if value is None else float(value)
+        import torch.distributed as dist
+
+        t = torch.tensor([-1.0 if value is None else float(value)], device=self.trial.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return None if float(t) < 0 else float(t)
 
     def _observe(self, step: int, metrics: dict[str, Any], event: bool = False) -> None:
         """Add the plugins' window measurements (the core's own names win), then tell the observers."""
@@ -169,18 +238,28 @@ class TimedLoop:
 
     # ------------------------------------------------------------------------------------------ summary
     def _summarise(self, loss: Any) -> None:
+        trial = self.trial
+        trial.train_seconds = sum(s for _, s in self.windows)
+        trial.metrics.update(steps=trial.steps_done, train_time_s=trial.train_seconds, train_loss=float(loss))
+        self._timing_metrics()
+
+    def _timing_metrics(self) -> None:
+        """Throughput, its interval and spread, and MFU from the timing windows so far."""
         trial, per_step_samples = self.trial, self.trial.spec.batch_size
         stats = measure.WindowStats.from_windows(self.windows)
-        trial.train_seconds = stats.seconds
         samples_per_s = stats.steps * per_step_samples / stats.seconds if stats.seconds > 0 else float("nan")
         trial.metrics.update(
             throughput_samples_per_s=samples_per_s,
             step_time_median_s=stats.step_time_median_s,
             step_time_cv=stats.step_time_cv,
             throughput_median_samples_per_s=per_step_samples / stats.step_time_median_s,
-            timed_steps=stats.steps, timing_windows=len(self.windows), steps=trial.steps_done,
-            train_time_s=stats.seconds, train_loss=float(loss),
+            timed_steps=stats.steps, timing_windows=len(self.windows),
         )
+        interval = measure.throughput_interval(self.windows, per_step_samples)
+        if interval is not None:
+            trial.metrics.update({"throughput_samples_per_s_ci_low": interval.low,
+                                  "throughput_samples_per_s_ci_high": interval.high,
+                                  CI_REL_KEY: interval.rel_half_width})
         if trial.workload.tokens_per_sample:
             trial.metrics["throughput_tokens_per_s"] = samples_per_s * trial.workload.tokens_per_sample
         peak = measure.peak_flops(trial.conditions.get("device_name", ""), trial.precision.compute_dtype)
@@ -215,3 +294,4 @@ class _LossSnapshot:
         if self.event is not None:
             self.event.synchronize()
         return float(self.host)
+

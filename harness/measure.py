@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from harness.outcomes import t_quantile_975
+
 #: Dense peak FLOP/s by device name fragment and compute dtype (vendor datasheets, no sparsity).
 #: SXM parts; PCIe parts separately.
 DEVICE_PEAK_FLOPS = {
@@ -86,6 +88,27 @@ def conditions(device: torch.device) -> dict[str, str]:
     return out
 
 
+#: the environment variable that sets a CPU trial's thread count (default: see :func:`fix_cpu_threads`).
+CPU_THREADS_ENV = "HARNESS_CPU_THREADS"
+
+
+def fix_cpu_threads(processes: int = 1) -> int:
+    """Fix this process's intra-op thread count for a CPU trial and return it: ``$HARNESS_CPU_THREADS`` when set,
+    else the cores this process may run on (its CPU affinity) less one, shared by the trial's ``processes``.
+
+    The core left free runs the study driver, the OS and whatever else shares the machine: a trial whose threads
+    fill every core waits at each parallel region for a thread that was descheduled, so its step times scatter
+    (on 2 cores, docs/benchmarks.md "Repeatability": CV 14 % across runs with 2 threads, 4.6-12 % with 1)."""
+    given = os.environ.get(CPU_THREADS_ENV, "").strip()
+    if given.isdigit() and int(given) > 0:
+        threads = int(given)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, (cores - 1) // max(1, processes))
+    torch.set_num_threads(threads)
+    return threads
+
+
 class Clock:
     """Marks points in the device's timeline; ``elapsed(a, b)`` in seconds once both have passed."""
 
@@ -129,6 +152,34 @@ class WindowStats:
         median = statistics.median(per_step) if per_step else float("nan")
         cv = (statistics.pstdev(per_step) / statistics.mean(per_step)) if len(per_step) > 1 else 0.0
         return cls(steps, seconds, median, cv, per_step)
+
+
+@dataclass(frozen=True)
+class ThroughputInterval:
+    """A 95 % confidence interval of a trial's steady-state throughput (samples/s), from its timing windows."""
+
+    low: float
+    high: float
+    #: the half-width relative to the mean step time: about the interval's relative half-width in throughput.
+    rel_half_width: float
+
+
+def throughput_interval(windows: list[tuple[int, float]], samples_per_step: float) -> ThroughputInterval | None:
+    """The 95 % interval of the throughput from ``(steps, seconds)`` windows; None with fewer than two windows.
+
+    Each window gives one mean step time; Student's t interval of their mean (``k - 1`` degrees of freedom) is
+    turned into throughput as ``samples_per_step / step_time``. The centre is the reported throughput (all timed
+    samples over all timed seconds), so the interval is about the figure the trial reports. A mean rather than
+    a median: every timed step counts in the reported throughput, and a window slowed by a neighbour widens the
+    interval (and so marks the trial noisy) instead of being hidden."""
+    per_step = [s / n for n, s in windows if n > 0]
+    steps, seconds = sum(n for n, _ in windows), sum(s for _, s in windows)
+    if len(per_step) < 2 or steps <= 0 or seconds <= 0:
+        return None
+    mean_step = seconds / steps
+    half = t_quantile_975(len(per_step) - 1) * statistics.stdev(per_step) / len(per_step) ** 0.5
+    high = samples_per_step / (mean_step - half) if mean_step > half else float("inf")
+    return ThroughputInterval(samples_per_step / (mean_step + half), high, half / mean_step)
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -22,6 +22,86 @@ if TYPE_CHECKING:
 #: the constraint value Optuna sees for an infeasible (never launched) trial; > 0 means violated.
 INFEASIBLE_VIOLATION = 1.0
 
+#: the key of a trial's throughput; its interval is ``<key>_ci_low`` / ``<key>_ci_high`` (95 %), its relative
+#: half-width ``throughput_ci_rel_half_width`` (see :func:`harness.measure.throughput_interval`).
+THROUGHPUT_KEY = "throughput_samples_per_s"
+CI_REL_KEY = "throughput_ci_rel_half_width"
+
+#: Student's t at 97.5 % (a two-sided 95 % interval) for 1..30 degrees of freedom.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    """Student's t quantile of a two-sided 95 % interval with ``df`` degrees of freedom (a table to 30, then two
+    terms of its expansion about the normal quantile, within 0.001 of the exact value)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def relative_half_width(metrics: Mapping[str, Any]) -> float | None:
+    """The relative half-width of a trial's 95 % throughput interval: the stored one, or (records written before
+    intervals were) derived from ``step_time_cv`` and ``timing_windows``; None when neither is there."""
+    stored = _number(metrics.get(CI_REL_KEY))
+    if stored is not None:
+        return stored
+    cv, k = _number(metrics.get("step_time_cv")), _number(metrics.get("timing_windows"))
+    if cv is None or k is None or int(k) < 2:
+        return None
+    # step_time_cv is the population CV of the windows' step times: sample sd / mean = cv * sqrt(k / (k - 1))
+    return t_quantile_975(int(k) - 1) * cv / math.sqrt(int(k) - 1)
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (missing, not a number, a bool, inf or nan)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        return None
+    return float(value)
+
+
+def ratio_interval(ratio: float, rel_a: float, rel_b: float) -> tuple[float, float]:
+    """A 95 % interval of ``a / b`` from the relative half-widths of ``a``'s and ``b``'s intervals, combined in
+    quadrature on the log scale (the delta method: independent measurements' relative errors add as variances)."""
+    spread = math.sqrt(rel_a**2 + rel_b**2)
+    return ratio * math.exp(-spread), ratio * math.exp(spread)
+
+
+def compare_to_baseline(metrics: Mapping[str, Any], baseline_metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A trial's throughput over the baseline's, with its 95 % interval from both trials' intervals.
+
+    Returns ``speedup_vs_baseline``, ``speedup_vs_baseline_ci_low`` / ``_ci_high`` and ``tie_with_baseline``
+    (1 when the interval contains 1.0: the difference is inside the measurement noise, 0 otherwise); the interval
+    and the verdict are left out when a trial has no spread, and everything when either throughput is missing."""
+    if not baseline_metrics:
+        return {}
+    a, b = _number(metrics.get(THROUGHPUT_KEY)), _number(baseline_metrics.get(THROUGHPUT_KEY))
+    if a is None or b is None or b <= 0:
+        return {}
+    out: dict[str, Any] = {"speedup_vs_baseline": a / b}
+    rel_a, rel_b = relative_half_width(metrics), relative_half_width(baseline_metrics)
+    if rel_a is not None and rel_b is not None:
+        low, high = ratio_interval(out["speedup_vs_baseline"], rel_a, rel_b)
+        out.update(speedup_vs_baseline_ci_low=low, speedup_vs_baseline_ci_high=high,
+                   tie_with_baseline=int(low <= 1.0 <= high))
+    return out
+
+
+def same_within_noise(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> bool:
+    """True when ``a`` and ``b`` measured ``key`` (the throughput) equally within the noise: the 95 % interval of
+    their ratio contains 1. Only the throughput has an interval; any other key is compared exactly."""
+    if key != THROUGHPUT_KEY:
+        return False
+    x, y = _number(a.get(key)), _number(b.get(key))
+    rel_a, rel_b = relative_half_width(a), relative_half_width(b)
+    if x is None or y is None or y <= 0 or rel_a is None or rel_b is None:
+        return False
+    low, high = ratio_interval(x / y, rel_a, rel_b)
+    return low <= 1.0 <= high
+
 
 @dataclass
 class Objective:
@@ -94,9 +174,12 @@ class TrialRecord:
     def feasible(self) -> bool:
         return self.state == "COMPLETE" and (self.constraint_violation is None or self.constraint_violation <= 0)
 
-    def failed(self, status: str, message: str, metrics: Mapping[str, Any]) -> None:
-        """Record a trial that did not complete: its failure class (``status``) decides the Optuna state."""
-        self.metrics, self.failure_class, self.message = dict(metrics), status, message
+    def failed(self, status: str, message: str, metrics: Mapping[str, Any],
+               objectives: Sequence[Objective] = ()) -> None:
+        """Record a trial that did not complete: its failure class (``status``) decides the Optuna state. What it
+        measured before failing is kept for diagnosis (``compile_s``, ``wall_s``...), but not its results
+        (:func:`without_results`): a crashed trial has no accuracy to show."""
+        self.metrics, self.failure_class, self.message = without_results(metrics, objectives), status, message
         if status == "pruned":
             self.state = "PRUNED"
         elif status == "infeasible":
@@ -119,6 +202,23 @@ class TrialRecord:
     def from_dict(cls, data: Mapping[str, Any]) -> TrialRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+#: the measurements that are a trial's results (the core's metrics, their intervals, the comparison with the
+#: baseline, the noise flag): a trial that did not complete shows none of them. A test holds it to the core's
+#: metrics (:data:`harness.measure.CORE_METRICS`).
+RESULT_KEYS = frozenset({
+    "throughput_samples_per_s", "throughput_tokens_per_s", "accuracy", "val_loss", "peak_memory_bytes",
+    "time_to_accuracy_s", "mfu", "throughput_samples_per_s_ci_low", "throughput_samples_per_s_ci_high",
+    CI_REL_KEY, "throughput_median_samples_per_s", "throughput_noisy", "speedup_vs_baseline",
+    "speedup_vs_baseline_ci_low", "speedup_vs_baseline_ci_high", "tie_with_baseline"})
+
+
+def without_results(metrics: Mapping[str, Any], objectives: Sequence[Objective] = ()) -> dict[str, Any]:
+    """``metrics`` less the results (:data:`RESULT_KEYS` and the objectives' keys): what a failed or pruned trial
+    may show."""
+    hidden = RESULT_KEYS | {o.key for o in objectives}
+    return {k: v for k, v in metrics.items() if k not in hidden}
 
 
 def objective_values(objectives: Sequence[Objective], metrics: Mapping[str, Any]) -> list[float] | None:
@@ -158,15 +258,40 @@ def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str],
     return better
 
 
-def pareto_front(records: Sequence[TrialRecord], objectives: Sequence[Objective]) -> list[TrialRecord]:
-    """The feasible completed trials that no other dominates on the objectives (each combination once)."""
+def dominates_within_noise(a: TrialRecord, b: TrialRecord, objectives: Sequence[Objective]) -> bool:
+    """Whether trial ``a`` dominates trial ``b``, where a throughput difference inside the noise (the interval of
+    the ratio contains 1) counts as equal: a faster-within-noise but less accurate trial is dominated."""
+    assert a.values is not None and b.values is not None
+    x, y, directions = list(a.values), list(b.values), []
+    for i, o in enumerate(objectives):
+        if same_within_noise(a.metrics, b.metrics, o.key):
+            x[i] = y[i]
+        directions.append(o.direction)
+    return dominates(x, y, directions)
+
+
+def pareto_front(records: Sequence[TrialRecord], objectives: Sequence[Objective],
+                 baseline: TrialRecord | None = None) -> list[TrialRecord]:
+    """The feasible completed trials that no other dominates on the objectives, each combination once; with the
+    ``baseline`` record (number -1) in the dominance test: trials it dominates are not on the front, and it may
+    be on the front itself. Throughput differences inside the measurement noise are ties
+    (:func:`dominates_within_noise`)."""
     seen: set[str] = set()
-    candidates: list[tuple[TrialRecord, list[float]]] = []
-    for r in sorted(records, key=lambda r: (r.duplicate_of is not None, r.number)):
+    candidates: list[TrialRecord] = []
+    pool = ([baseline] if baseline is not None else []) + sorted(
+        records, key=lambda r: (r.duplicate_of is not None, r.number))
+    for r in pool:
         if r.feasible and r.values and r.spec_hash not in seen:
             seen.add(r.spec_hash)
-            candidates.append((r, r.values))
-    directions = [o.direction for o in objectives]
-    front = [(r, v) for r, v in candidates if not any(dominates(w, v, directions) for _, w in candidates)]
-    front.sort(key=lambda rv: rv[1][0], reverse=objectives[0].direction == "maximize")
-    return [r for r, _ in front]
+            candidates.append(r)
+    front = [r for r in candidates if not any(dominates_within_noise(o, r, objectives) for o in candidates)]
+    maximize = objectives[0].direction == "maximize"
+    front.sort(key=lambda r: r.values[0] if r.values else 0.0, reverse=maximize)
+    return front
+
+
+def beats_baseline(front: Sequence[TrialRecord], baseline: TrialRecord | None) -> bool:
+    """Whether a trial of the study made the front beside the baseline (when the baseline ran and is feasible)."""
+    if baseline is None or not baseline.feasible or not baseline.values:
+        return True
+    return any(r.number >= 0 and r.spec_hash != baseline.spec_hash for r in front)

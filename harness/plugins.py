@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
+import inspect
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -41,6 +42,7 @@ class PluginRecord:
     version: str = ""
     techniques: list[Technique] = field(default_factory=list)
     workloads: list[WorkloadInfo] = field(default_factory=list)
+    metrics: list[Metric] = field(default_factory=list)
     hooks: list[str] = field(default_factory=list)
     error: str = ""
 
@@ -125,9 +127,7 @@ class Registry:
         except (pluggy.PluginValidationError, PluginError) as exc:
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
-            # pluggy's message spans lines (plugin, hook, definition, reason): keep them all, on one line
-            msg = "; ".join(line.strip() for line in str(exc).splitlines()) or type(exc).__name__
-            self._fail(rec, f"hook signature error: {msg}")
+            self._fail(rec, f"hook signature error: {signature_problem(plugin, exc)}")
             return
         rec.hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
         self.records[name] = rec
@@ -173,6 +173,7 @@ class Registry:
                 raise PluginError(f"declares metric {metric.name!r} differently from "
                                   f"{'the core' if not other_m.plugin else 'plugin ' + repr(other_m.plugin)}")
             self.metrics.setdefault(metric.name, metric)
+            rec.metrics.append(metric)
         for setting in found["harness_declare_study_settings"]:
             if setting.key in self.settings:
                 raise PluginError(f"declares study-file section {setting.key!r}, already declared by plugin "
@@ -310,18 +311,105 @@ def unknown_hooks(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
             for c in pm.get_hookcallers(plugin) or [] if c.spec is None]
 
 
+def hook_arguments(func: Callable[..., Any]) -> list[str]:
+    """The arguments pluggy passes to a hook function: its named parameters without a default (``self`` of a
+    bound method excluded)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty]
+
+
+def unknown_arguments(hookname: str, func: Callable[..., Any]) -> str | None:
+    """``harness_x(a, b): unknown argument 'b' (allowed: a, c)`` when ``func`` takes arguments the hook
+    ``hookname`` does not pass, else None."""
+    spec = getattr(hookspecs, hookname, None)
+    if spec is None:
+        return None
+    allowed = list(inspect.signature(spec).parameters)
+    taken = hook_arguments(func)
+    unknown = [a for a in taken if a not in allowed]
+    if not unknown:
+        return None
+    words = ", ".join(repr(a) for a in unknown)
+    hint = did_you_mean(unknown[0], allowed) if len(unknown) == 1 else ""
+    return (f"{hookname}({', '.join(taken)}): unknown argument{'s' if len(unknown) > 1 else ''} {words} "
+            f"(allowed: {', '.join(allowed) or 'none'}){hint}")
+
+
+def signature_problem(plugin: Any, exc: Exception) -> str:
+    """One line for a hook implementation pluggy refused: the unknown arguments with the allowed ones, or
+    pluggy's own message (which spans lines) on one line."""
+    found = [problem for attr in sorted(dir(plugin)) if attr.startswith("harness_")
+             and hasattr(getattr(plugin, attr, None), "harness_impl")
+             for problem in [unknown_arguments(attr, getattr(plugin, attr))] if problem]
+    if found:
+        return "; ".join(found)
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
+#: where a bring-your-own ``module:function`` workload is looked for, in the words of an import error.
+WORKLOAD_PATH_HELP = ("the harness looks in the current directory, the study or trial file's directory and "
+                      "PYTHONPATH")
+
+
 def _import_workload(where: str, target: str) -> WorkloadInfo:
-    """Resolve a bring-your-own ``module:function`` workload; the function takes (device, seed, **params)."""
+    """Resolve a bring-your-own ``module:function`` workload; the function takes (device, seed, **params).
+
+    An import that fails is one line saying which module is missing and how to make it importable."""
     module_name, _, func_name = target.partition(":")
+    if not module_name or not func_name:
+        raise SpecError(f"{where}: workload {shown(target)} is not 'module:function' (e.g. my_model:build)")
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            file = module_name.replace(".", "/") + ".py"
+            raise SpecError(f"{where}: cannot import module {module_name!r} of workload {target!r}: no {file} on "
+                            f"the Python path ({WORKLOAD_PATH_HELP}); run from the directory that holds {file}, "
+                            "put the study file next to it, or add its directory to PYTHONPATH") from None
+        raise SpecError(f"{where}: module {module_name!r} of workload {target!r} imports {exc.name!r}, which is "
+                        f"not installed ({type(exc).__name__}: {exc}); pip install it") from None
     except Exception as exc:
-        raise SpecError(f"{where}: cannot import module {module_name!r} of workload {target!r} "
-                        f"({type(exc).__name__}: {exc})") from None
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        at = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise SpecError(f"{where}: importing module {module_name!r} of workload {target!r} failed{at}: "
+                        f"{type(exc).__name__}: {first}") from None
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise SpecError(f"{where}: module {module_name!r} has no function {func_name!r}")
+        known = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_")
+                       and v.__module__ == module.__name__)
+        raise SpecError(f"{where}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no function "
+                        f"{func_name!r} (its functions: {', '.join(known) or 'none'}){did_you_mean(func_name, known)}")
     return WorkloadInfo(name=target, build=func, kinds=tuple(getattr(func, "kinds", ())), plugin=module_name)
+
+
+def workload_search_path(*dirs: str | os.PathLike[str]) -> Callable[[], None]:
+    """Make ``dirs`` (the current directory, a study or trial file's directory) importable, in that order, for
+    ``module:function`` workloads: first on ``sys.path`` here, and on ``PYTHONPATH`` for the trial processes
+    this process starts (``python -m harness.worker`` puts its current directory, the same one, first too).
+    Returns the function that undoes it."""
+    added = [d for d in dict.fromkeys(os.path.abspath(d) for d in dirs) if os.path.isdir(d)]
+    inserted = [d for d in added if d not in sys.path]
+    saved_env = os.environ.get("PYTHONPATH")
+    sys.path[:0] = inserted
+    if added:
+        os.environ["PYTHONPATH"] = os.pathsep.join([*added, *([saved_env] if saved_env else [])])
+
+    def undo() -> None:
+        for d in inserted:
+            if d in sys.path:
+                sys.path.remove(d)
+        if saved_env is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved_env
+
+    return undo
 
 
 def _instantiate(obj: Any) -> Any:
@@ -363,8 +451,10 @@ def _technique_problem(tech: Technique) -> str | None:
             return f"technique {tech.name!r}: parameter {key!r} must be Float, Int or Categorical"
         if not isinstance(param, Categorical) and param.low > param.high:
             return f"technique {tech.name!r}: parameter {key!r} has low > high"
+    if isinstance(tech.incompatible, Mapping) and not all(isinstance(v, str) for v in tech.incompatible.values()):
+        return f"technique {tech.name!r}: the reasons in incompatible must be strings"
     for rule in tech.incompatible:
-        axis, sep, other = rule.partition(":")
+        axis, sep, other = str(rule).partition(":")
         if not sep or axis not in AXES or not other:
             return f"technique {tech.name!r}: incompatible entry {rule!r} is not 'axis:name'"
     return None

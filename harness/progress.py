@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from harness import report, storage
-from harness.outcomes import TrialRecord
+from harness.outcomes import THROUGHPUT_KEY, TrialRecord
 from harness.redact import mask_credentials
 
 if TYPE_CHECKING:
@@ -53,21 +53,34 @@ class StudyProgress:
         self._progress.update(self._task, completed=finished,
                               status=summary + (f"\n  {current}" if current else ""))
 
+    def _baseline(self) -> TrialRecord | None:
+        """The baseline's record once the driver stored it on the study."""
+        data = self.study.user_attrs.get("baseline")
+        return TrialRecord.from_dict(data) if data else None
+
     def _best_text(self) -> str:
-        scored = [(r.values[0], r) for r in report.records_from_study(self.study) if r.feasible and r.values]
+        """The best first objective so far, the baseline included (a study where nothing beat it says so)."""
+        baseline = self._baseline()
+        records = report.records_from_study(self.study) + ([baseline] if baseline is not None else [])
+        scored = [(r.values[0], r) for r in records if r.feasible and r.values]
         if not scored:
             return ""
         o = self.config.objectives[0]
         pick = max if o.direction == "maximize" else min
-        value, best = pick(scored, key=lambda vr: vr[0])
-        return f"{o.metric} {report.fmt(o.key, value)} (#{best.number} {best.label})"
+        value, best = pick(scored, key=lambda vr: (vr[0], vr[1].number < 0))
+        who = "the baseline" if best.number < 0 else f"#{best.number}"
+        return f"{o.metric} {report.fmt(o.key, value)} ({who} {best.label})"
 
     def finished(self, record: TrialRecord) -> None:
         """Print the line of a finished trial: its state, techniques, objective values or failure, duration."""
         color = {"COMPLETE": "green", "PRUNED": "yellow"}.get(record.state, "red")
         if record.state == "COMPLETE":
-            what = "  ".join(f"{o.metric} {report.fmt(o.key, v)}"
+            metrics = report.shown_metrics(record, self.config.objectives, self._baseline())
+            what = "  ".join(f"{o.metric} " + (report.throughput_text(metrics) if o.key == THROUGHPUT_KEY
+                                                else report.fmt(o.key, v))
                              for o, v in zip(self.config.objectives, record.values or [], strict=False))
+            if "speedup_vs_baseline" in metrics:
+                what += f"  vs baseline {report.speedup_text(metrics)}"
             if record.constraint_violation and record.constraint_violation > 0:
                 what += "  (violates the constraints)"
         else:

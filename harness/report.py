@@ -11,22 +11,25 @@ from __future__ import annotations
 import csv
 import json
 import math
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.outcomes import Objective, TrialRecord
+from harness.outcomes import (
+    CI_REL_KEY,
+    THROUGHPUT_KEY,
+    Objective,
+    TrialRecord,
+    beats_baseline,
+    compare_to_baseline,
+    without_results,
+)
 from harness.redact import mask_all, mask_credentials
 from harness.space import AXES
-from harness.storage import optuna_experimental
 
 if TYPE_CHECKING:
     import optuna
     from rich.console import Console
-
-#: draws one plot of a study into a PNG file; False when there is too little to draw.
-Drawer = Callable[["optuna.Study", Sequence[TrialRecord], Sequence[TrialRecord], Sequence[Objective], Path], bool]
 
 #: the columns every table shows besides the objectives.
 KEY_METRICS = ("throughput_samples_per_s", "accuracy", "peak_memory_bytes")
@@ -74,34 +77,94 @@ def _columns(objectives: Sequence[Objective]) -> list[str]:
     return keys + [k for k in KEY_METRICS if k not in keys]
 
 
+#: what the table and the progress line say of a trial no faster or slower than the baseline within the noise.
+NO_WINNER = "no combination beat the baseline on this machine"
+
+
+def shown_metrics(record: TrialRecord, objectives: Sequence[Objective] = (),
+                  baseline: TrialRecord | None = None) -> dict[str, Any]:
+    """The metrics a report shows for ``record``: none of the results of a trial that did not complete (a crashed
+    trial's accuracy before it crashed is no result), and for a completed one its speed-up over the baseline
+    (computed here when the record predates it)."""
+    if record.state != "COMPLETE":
+        return without_results(record.metrics, objectives)
+    metrics = dict(record.metrics)
+    if "speedup_vs_baseline" not in metrics and baseline is not None and record.number >= 0:
+        metrics.update(compare_to_baseline(metrics, baseline.metrics))
+    return metrics
+
+
+def throughput_text(metrics: dict[str, Any]) -> str:
+    """``12,345 ±3.1%`` (the 95 % interval's relative half-width), with ``noisy`` when it stayed too wide."""
+    value = metrics.get(THROUGHPUT_KEY)
+    if value is None:
+        return "-"
+    text = fmt(THROUGHPUT_KEY, value)
+    rel = metrics.get(CI_REL_KEY)
+    if isinstance(rel, (int, float)) and math.isfinite(rel):
+        text += f" ±{rel:.1%}"
+    if metrics.get("throughput_noisy"):
+        text += " noisy"
+    return text
+
+
+def speedup_text(metrics: dict[str, Any]) -> str:
+    """``1.23x (1.10-1.37)`` over the baseline with its 95 % interval, ``tie 0.98x (0.93-1.04)`` when the
+    interval contains 1 (a difference inside the noise), ``-`` without a comparison."""
+    ratio = metrics.get("speedup_vs_baseline")
+    if not isinstance(ratio, (int, float)):
+        return "-"
+    low, high = metrics.get("speedup_vs_baseline_ci_low"), metrics.get("speedup_vs_baseline_ci_high")
+    text = f"{ratio:.2f}x"
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+        text += f" ({low:.2f}-{high:.2f})"
+    return ("tie " + text) if metrics.get("tie_with_baseline") else text
+
+
 def print_table(console: Console, study: optuna.Study, records: Sequence[TrialRecord], pareto: Sequence[TrialRecord],
                 baseline: TrialRecord | None = None, objectives: Sequence[Objective] | None = None) -> None:
-    """Print the Pareto table (techniques + metrics) and one line of counts by outcome."""
+    """Print the Pareto table (techniques, metrics, speed-up over the baseline with its 95 % interval) and one
+    line of counts by outcome. The baseline is a row of its own (``baseline``), on the front or, below it, for
+    reference; when no trial made the front beside it, the table says so plainly (:data:`NO_WINNER`)."""
     from rich.table import Table
 
     objectives = list(objectives or objectives_of(study))
     cols = _columns(objectives)
     directions = {o.key: ("max" if o.direction == "maximize" else "min") for o in objectives}
+    on_front = baseline is not None and any(r.number < 0 for r in pareto)
     table = Table(title=mask_credentials(f"study {study.study_name}: Pareto front ({len(pareto)} of {len(records)} "
-                                         "trials)"))
-    table.add_column("#", justify="right")
-    table.add_column("techniques (" + " + ".join(AXES) + ")")
-    table.add_column("searched params")
-    for key in cols:
-        table.add_column(key + (f" ({directions[key]})" if key in directions else ""), justify="right")
+                                         "trials" + (" + the baseline" if baseline is not None else "") + ")"),
+                  caption="techniques: " + " + ".join(AXES) + (
+                      "; the baseline is below the front, shown for reference"
+                      if baseline is not None and not on_front else ""))
     rows = list(pareto)
-    if baseline is not None:
+    if baseline is not None and not on_front:
         rows.append(baseline)
     # the values Optuna chose for this trial (the axes' techniques are in their own column)
     chosen = {t.number: t.params for t in study.get_trials(deepcopy=False)}
+    cells = []
     for r in rows:
         params = {k.split(".", 2)[-1] if k.split(".")[0] in AXES else k: v
                   for k, v in sorted(chosen.get(r.number, {}).items()) if k not in AXES}
-        extra = ", ".join(f"{k}={fmt(k, v)}" for k, v in params.items()) or "-"
-        table.add_row("base" if r.number < 0 else str(r.number),
-                      mask_credentials(" + ".join(str(r.params.get(a, "")) for a in AXES)),
-                      mask_credentials(extra), *[fmt(k, r.metrics.get(k)) for k in cols])
+        metrics = shown_metrics(r, objectives, baseline)
+        row = ["baseline" if r.number < 0 else str(r.number),
+               mask_credentials(" + ".join(str(r.params.get(a, "")) for a in AXES)),
+               mask_credentials(", ".join(f"{k}={fmt(k, v)}" for k, v in params.items()) or "-"),
+               *[throughput_text(metrics) if k == THROUGHPUT_KEY else fmt(k, metrics.get(k)) for k in cols]]
+        if baseline is not None:
+            row.append("1.00x (baseline)" if r.number < 0 else speedup_text(metrics))
+        cells.append(row)
+    heads = ["#", "techniques", "searched params"]
+    # metric keys as words, so that a narrow terminal wraps the header rather than the numbers
+    heads += [key.replace("_", " ") + (f" ({directions[key]})" if key in directions else "") for key in cols]
+    heads += ["speed-up vs baseline (95% CI)"] if baseline is not None else []
+    for i, head in enumerate(heads):  # the combination is never wrapped; the axes' order is in the caption
+        table.add_column(head, justify="left" if i in (1, 2) else "right", no_wrap=i == 1)
+    for row in cells:
+        table.add_row(*row)
     console.print(table)
+    if baseline is not None and not beats_baseline(pareto, baseline):
+        console.print(NO_WINNER, markup=False)
     by_outcome: dict[str, int] = {}
     for r in records:
         key = "complete" if r.state == "COMPLETE" else (r.failure_class or r.state.lower())
@@ -120,126 +183,45 @@ def write_outputs(study: optuna.Study, records: Sequence[TrialRecord], pareto: S
     skipped with a warning rather than failing the study."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    written = [write_trials_csv(records, objectives, output_dir / "trials.csv")]
+    written = [write_trials_csv(records, objectives, output_dir / "trials.csv", baseline)]
     pareto_json = output_dir / "pareto.json"
     pareto_json.write_text(json.dumps(mask_all({
         "study": study.study_name,
         "objectives": [{"metric": o.metric, "key": o.key, "direction": o.direction} for o in objectives],
         "constraints": study.user_attrs.get("constraints", {}),
         "baseline": baseline.to_dict() if baseline else None,
-        "pareto": [r.to_dict() for r in pareto]}), indent=1, default=lambda v: mask_credentials(str(v))))
+        # the front's trials; the baseline, when it is on the front, is said by a flag (its record is above)
+        "baseline_on_front": any(r.number < 0 for r in pareto),
+        "pareto": [r.to_dict() for r in pareto if r.number >= 0]}), indent=1,
+        default=lambda v: mask_credentials(str(v))))
     written.append(pareto_json)
-    try:
-        import matplotlib
-    except ImportError:
-        print("harness: plots not written: matplotlib is not installed")
-        return written
-    matplotlib.use("Agg")
-    import optuna
+    from harness.plots import write_plots
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no complete trials" is said by the plot's absence
-    for name, draw in (("pareto.png", _plot_pareto), ("history.png", _plot_optuna("plot_optimization_history")),
-                       ("importance.png", _plot_optuna("plot_param_importances"))):
-        try:
-            with optuna_experimental():  # Optuna's matplotlib plots are experimental
-                if draw(study, records, pareto, objectives, output_dir / name):
-                    written.append(output_dir / name)
-        except Exception as exc:  # optuna's plots refuse studies with too few or unvarying trials
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            print(mask_credentials(f"harness: {name} not written: {type(exc).__name__}: {first}"))
+    written += write_plots(study, records, pareto, objectives, output_dir, baseline)
     return written
 
 
-def write_trials_csv(records: Sequence[TrialRecord], objectives: Sequence[Objective], path: Path) -> Path:
-    """One row per trial record: outcome, objective values, parameters, numeric metrics and message (every string
-    with its credentials masked)."""
-    param_keys = sorted({k for r in records for k in r.params})
-    metric_keys = sorted({k for r in records for k, v in r.metrics.items() if isinstance(v, (int, float))})
+def write_trials_csv(records: Sequence[TrialRecord], objectives: Sequence[Objective], path: Path,
+                     baseline: TrialRecord | None = None) -> Path:
+    """One row per trial record (the ``baseline``'s first, number -1): outcome, objective values, parameters,
+    numeric metrics (:func:`shown_metrics`: a trial that did not complete has no objective values or results;
+    a completed one its speed-up over the baseline) and message, every string with its credentials masked."""
+    rows = ([baseline] if baseline is not None else []) + list(records)
+    shown = [shown_metrics(r, objectives, baseline) for r in rows]
+    param_keys = sorted({k for r in rows for k in r.params})
+    # numeric metrics, and the conditions the trial ran under (device, versions, CPU threads)
+    metric_keys = sorted({k for m in shown for k, v in m.items()
+                          if isinstance(v, (int, float)) or k.startswith("condition.")})
     head = ["number", "state", "failure_class", "feasible", "duplicate_of", "duration_s", "spec_hash"]
     head += [f"value.{o.metric}" for o in objectives] + param_keys + metric_keys + ["message"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(mask_all(head))
-        for r in records:
-            values = list(r.values) if r.values else [""] * len(objectives)
+        for r, metrics in zip(rows, shown, strict=True):
+            values = list(r.values) if r.values and r.state == "COMPLETE" else [""] * len(objectives)
             writer.writerow(mask_all([
                 r.number, r.state, r.failure_class or "", r.feasible, "" if r.duplicate_of is None else r.duplicate_of,
                 f"{r.duration_s:.2f}", r.spec_hash, *values, *[r.params.get(k, "") for k in param_keys],
-                *[r.metrics.get(k, "") for k in metric_keys], r.message]))
+                *[metrics.get(k, "") for k in metric_keys], r.message]))
     return path
 
-
-def _plot_pareto(study: optuna.Study, records: Sequence[TrialRecord], pareto: Sequence[TrialRecord],
-                 objectives: Sequence[Objective], path: Path) -> bool:
-    """Scatter of the first two objectives (or the first against trial number): every feasible trial in grey,
-    constraint violators hollow, the Pareto front in red and labelled with its techniques."""
-    import matplotlib.pyplot as plt
-
-    done = [r for r in records if r.state == "COMPLETE" and r.values and r.duplicate_of is None]
-    if not done:
-        return False
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    two = len(objectives) >= 2
-
-    def xy(r: TrialRecord) -> tuple[float, float]:
-        assert r.values
-        return (r.values[1], r.values[0]) if two else (r.number, r.values[0])
-
-    ok = [xy(r) for r in done if r.feasible]
-    bad = [xy(r) for r in done if not r.feasible]
-    if ok:
-        ax.scatter([x for x, _ in ok], [y for _, y in ok], c="0.6", label="feasible")
-    if bad:
-        ax.scatter([x for x, _ in bad], [y for _, y in bad], facecolors="none", edgecolors="0.4",
-                   label="violates constraints")
-    front = sorted(((xy(r), r) for r in pareto), key=lambda point: point[0])
-    if front:
-        ax.plot([p[0][0] for p in front], [p[0][1] for p in front], "r-o", label="Pareto front")
-        for (x, y), r in front:
-            ax.annotate(r.label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_ylabel(f"{objectives[0].metric} ({objectives[0].direction})")
-    ax.set_xlabel(f"{objectives[1].metric} ({objectives[1].direction})" if two else "trial")
-    ax.set_title(f"study {study.study_name}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def _plot_optuna(plot_name: str) -> Drawer:
-    """A drawer for one of Optuna's matplotlib plots (``plot_optimization_history``, ``plot_param_importances``)
-    of the first objective; it needs two complete trials at least."""
-
-    def draw(study: optuna.Study, records: Sequence[TrialRecord], _pareto: Sequence[TrialRecord],
-             objectives: Sequence[Objective], path: Path) -> bool:
-        import matplotlib.pyplot as plt
-        import optuna.visualization.matplotlib as ovm
-
-        if sum(1 for r in records if r.state == "COMPLETE") < 2:
-            return False
-
-        if plot_name == "plot_param_importances":
-            # Optuna's importance evaluator (PED-ANOVA) ranks parameters for *low* values of a custom target (and
-            # warns so): flip a maximised objective's sign so importance means "for a better value".
-            sign = -1.0 if objectives[0].direction == "maximize" else 1.0
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*computes the importances of params to achieve low",
-                                        category=UserWarning)
-                # a small study has parameters seen in one or two trials: the plot still shows what there is
-                warnings.filterwarnings("ignore", message="Some regimes for parameter", category=UserWarning)
-                ax = ovm.plot_param_importances(study, target=lambda t: sign * t.values[0],
-                                                target_name=objectives[0].metric)
-        else:
-            ax = getattr(ovm, plot_name)(study, target=lambda t: t.values[0], target_name=objectives[0].metric)
-        from matplotlib.figure import Figure
-
-        figure = ax.figure
-        assert isinstance(figure, Figure)  # Optuna draws on a figure of its own, not a subfigure
-        figure.set_size_inches(8, 5)
-        figure.tight_layout()
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        return True
-
-    return draw

@@ -126,15 +126,17 @@ class Requirements:
 class Technique:
     """One technique on one axis: the unit Optuna chooses between.
 
-    ``incompatible`` names techniques on other axes as ``"axis:name"`` that this one cannot be
-    combined with; ``reason`` says why, in the user's words, and is shown with the infeasible verdict.
+    ``incompatible`` names techniques on other axes, as ``"axis:name"``, that this one cannot be combined
+    with, and says why in the user's words (shown with the infeasible verdict): either a tuple of names that
+    share the one ``reason``, or a mapping ``{"axis:name": "why", ...}`` giving each its own reason (an
+    empty one falls back to ``reason``).
     """
 
     axis: str
     name: str
     space: Mapping[str, Param] = field(default_factory=dict)
     requires: Requirements = Requirements()
-    incompatible: tuple[str, ...] = ()
+    incompatible: tuple[str, ...] | Mapping[str, str] = ()
     reason: str = ""
     description: str = ""
     #: the axis's default technique: what a trial or study that leaves the axis out runs. Exactly one technique
@@ -145,6 +147,12 @@ class Technique:
 
     def defaults(self) -> dict[str, Any]:
         return {k: p.default for k, p in self.space.items() if p.default is not None}
+
+    def incompatibilities(self) -> dict[str, str]:
+        """Each incompatible ``"axis:name"`` -> the reason shown with it (its own, else the shared ``reason``)."""
+        if isinstance(self.incompatible, Mapping):
+            return {rule: why or self.reason for rule, why in self.incompatible.items()}
+        return {rule: self.reason for rule in self.incompatible}
 
     def validate_params(self, where: str, params: Mapping[str, Any]) -> dict[str, Any]:
         """Return ``params`` completed with defaults, raising :class:`SpecError` for unknown or bad values."""
@@ -184,6 +192,29 @@ def package_available(name: str) -> bool:
         return False
 
 
+def unavailable_reason(tech: Technique, env: Environment, device: str = "auto",
+                       where: str = "this trial") -> str | None:
+    """Why the machine ``env`` can never run ``tech`` on ``device`` (``auto``, ``cuda`` or ``cpu``), from its
+    declared CUDA, compute-capability and package requirements (one sentence), or None when it can.
+
+    It says nothing of a trial's other choices (process count, workload, other techniques): that is
+    :func:`infeasible_reason`. ``where`` names what lacks CUDA (``this trial``, ``this machine``).
+    """
+    req, label = tech.requires, f"{tech.axis} technique {tech.name!r}"
+    if req.cuda and not (device in ("cuda", "auto") and env.cuda):
+        return f"{label} requires CUDA, which {where} does not have"
+    if req.min_compute_capability and (
+            not env.cuda or (env.compute_capability or (0, 0)) < tuple(req.min_compute_capability)):
+        cc = env.compute_capability or (0, 0)
+        have = "no GPU" if not env.cuda else f"{env.device_name} (compute capability {cc[0]}.{cc[1]})"
+        need = ".".join(map(str, req.min_compute_capability))
+        return f"{label} requires compute capability >= {need}; this machine has {have}"
+    for pkg in req.packages:
+        if not package_available(pkg):
+            return f"{label} requires the package {pkg!r}, which is not installed"
+    return None
+
+
 def infeasible_reason(spec, techniques: Mapping[tuple[str, str], Technique], env: Environment,
                       workload_kinds: Iterable[str] = ()) -> str | None:
     """Return why ``spec`` cannot run here (one sentence), or None when every declaration is satisfied."""
@@ -194,30 +225,21 @@ def infeasible_reason(spec, techniques: Mapping[tuple[str, str], Technique], env
         if tech is None:
             return f"{axis}: unknown technique {shown(chosen[axis])}"
         req, label = tech.requires, f"{axis} technique {tech.name!r}"
-        wants_cuda = spec.device in ("cuda", "auto") and env.cuda
-        if req.cuda and not wants_cuda:
-            return f"{label} requires CUDA, which this trial does not have"
-        if req.min_compute_capability and (
-                not env.cuda or (env.compute_capability or (0, 0)) < tuple(req.min_compute_capability)):
-            cc = env.compute_capability or (0, 0)
-            have = "no GPU" if not env.cuda else f"{env.device_name} (compute capability {cc[0]}.{cc[1]})"
-            need = ".".join(map(str, req.min_compute_capability))
-            return f"{label} requires compute capability >= {need}; this machine has {have}"
+        machine = unavailable_reason(tech, env, spec.device)
+        if machine:
+            return machine
         if spec.devices < req.min_devices:
             return f"{label} requires at least {req.min_devices} processes (devices: {spec.devices})"
         if req.max_devices is not None and spec.devices > req.max_devices:
             return f"{label} runs on at most {req.max_devices} process(es) (devices: {spec.devices})"
-        for pkg in req.packages:
-            if not package_available(pkg):
-                return f"{label} requires the package {pkg!r}, which is not installed"
         if req.workload_kinds and not kinds.intersection(req.workload_kinds):
             return (f"{label} applies to {'/'.join(req.workload_kinds)} workloads; "
                     f"workload {spec.workload!r} is {'/'.join(sorted(kinds)) or 'of no declared kind'}")
-        for rule in tech.incompatible:
+        for rule, why in tech.incompatibilities().items():
             other_axis, _, other_name = rule.partition(":")
             if other_axis in chosen and other_name == chosen[other_axis]:
-                why = f": {tech.reason}" if tech.reason else ""
-                return f"{label} cannot be combined with {other_axis} {chosen[other_axis]!r}{why}"
+                return f"{label} cannot be combined with {other_axis} {chosen[other_axis]!r}" + (
+                    f": {why}" if why else "")
     if spec.devices > 1 and not env.cuda and spec.device == "cuda":
         return f"devices: {spec.devices} CUDA processes requested but no GPU is present"
     if spec.devices > 1 and env.cuda and spec.device != "cpu" and spec.devices > env.device_count:

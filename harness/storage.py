@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import random
 import socket
 import threading
 import time
@@ -124,16 +125,34 @@ def open_storage(url: str, heartbeat_s: int = 10) -> RDBStorage:
         {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True})
     # Optuna 4.9 renamed RetryFailedTrialCallback (the old name warns, deprecated) to RetryHeartbeatStaleTrialCallback
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback)
-    try:
-        with optuna_experimental():
-            create_sqlite_once(url, _create_optuna_schema)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s + 1,
-                heartbeat_stale_trial_callback=retry(max_retry=3))
-    except Exception as exc:  # driver missing, host unreachable, bad credentials: all the user's to fix
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise SpecError(mask_credentials(f"storage: cannot open {shown!r}: {type(exc).__name__}: {first[:200]}")) \
-            from None
+    for attempt in range(SCHEMA_RACE_ATTEMPTS):
+        try:
+            with optuna_experimental():
+                create_sqlite_once(url, _create_optuna_schema)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
+                    grace_period=2 * heartbeat_s + 1, heartbeat_stale_trial_callback=retry(max_retry=3))
+        except Exception as exc:  # driver missing, host unreachable, bad credentials: all the user's to fix
+            if _lost_schema_race(exc) and attempt + 1 < SCHEMA_RACE_ATTEMPTS:
+                time.sleep(random.uniform(0.2, 1.0))  # another driver is creating the tables: they exist next time
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise SpecError(mask_credentials(f"storage: cannot open {shown!r}: {type(exc).__name__}: "
+                                             f"{first[:200]}")) from None
+    raise AssertionError("unreachable")
+
+
+#: how often a driver tries to open a server database whose tables another driver is creating at that moment.
+SCHEMA_RACE_ATTEMPTS = 8
+
+
+def _lost_schema_race(exc: BaseException) -> bool:
+    """True for the errors of two drivers creating a server database's tables at once (PostgreSQL's
+    ``duplicate key ... pg_type_typname_nsp_index``, MySQL's ``Table ... already exists``): the other driver's
+    CREATE won, and opening again finds the tables."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return any(k in text for k in ("already exists", "duplicate key", "uniqueviolation", "duplicate entry",
+                                   "integrityerror"))
 
 
 def existing_directions(storage: RDBStorage, name: str) -> list[str] | None:
@@ -191,8 +210,9 @@ def fail_stale(study: optuna.Study) -> None:
 # ============================================================================================ trial slots
 def slot(t: FrozenTrial) -> str | None:
     """How a stored trial stands toward n_trials: "running", "waiting", "interrupted" (its driver died before
-    a record was written, or recorded it as :data:`INTERRUPTED` on Ctrl-C: it reruns and does not count) or
-    "finished"; None for a surplus trial, which never ran and never counts."""
+    a record was written, or recorded it as :data:`INTERRUPTED` on Ctrl-C: it reruns and does not count),
+    "ruled-out" (infeasible or vetoed before launch: it never ran and does not count) or "finished"; None for
+    a surplus trial, which never ran and never counts."""
     from optuna.trial import TrialState
 
     if t.user_attrs.get("surplus"):
@@ -204,20 +224,26 @@ def slot(t: FrozenTrial) -> str | None:
     if t.state == TrialState.FAIL and ("record" not in t.user_attrs
                                        or t.user_attrs.get("failure_class") == INTERRUPTED):
         return "interrupted"
+    if (t.state == TrialState.PRUNED and t.user_attrs.get("failure_class") == "infeasible"
+            and not t.user_attrs.get("launched")):
+        return "ruled-out"
     return "finished"
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
-    """Trials by outcome; ``finished`` counts toward n_trials (an interrupted trial does not: it reruns)."""
+    """Trials by outcome; ``finished`` counts toward n_trials (an interrupted trial does not: it reruns; nor
+    does one ruled out before launch, which ``infeasible`` and ``ruled-out`` count)."""
     from optuna.trial import TrialState
 
     out = dict.fromkeys(("finished", "running", "waiting", "complete", "failed", "pruned", "infeasible",
-                         "screened", "interrupted"), 0)
+                         "screened", "interrupted", "ruled-out"), 0)
     for t in study.get_trials(deepcopy=False):
         where = slot(t)
         if where is None:
             continue
         out[where] += 1
+        if where == "ruled-out":
+            out["infeasible"] += 1
         if where != "finished":
             continue
         cls = t.user_attrs.get("failure_class")

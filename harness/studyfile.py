@@ -32,6 +32,7 @@ from harness.config import (
 from harness.errors import SpecError, shown
 from harness.outcomes import Constraint, Objective
 from harness.redact import mask_credentials
+from harness.slots import parse_gpus
 from harness.space import AXES, Categorical, Param, did_you_mean, param_from_yaml
 
 if TYPE_CHECKING:
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 
 STUDY_KEYS = ("name", "workload", "axes", "batch_size", "budget", "trial_timeout_s", "objectives", "constraints",
               "baseline", "sampler", "pruner", "n_trials", "timeout_s", "storage", "seed", "devices", "device",
-              "screening", "output_dir", "heartbeat_s", "target_accuracy", "omitted_params")
+              "screening", "output_dir", "heartbeat_s", "target_accuracy", "omitted_params",
+              "remeasure_baseline_every", "gpus", "cpu_slots")
 SAMPLERS = ("auto", "tpe", "nsga2", "random", "grid")
 PRUNERS = ("none", "median", "hyperband", "successive-halving")
 DIRECTIONS = {"max": "maximize", "maximize": "maximize", "min": "minimize", "minimize": "minimize"}
@@ -64,7 +66,8 @@ class StudyConfig:
     axes: dict[str, dict[str, dict[str, SpaceEntry]]] = field(default_factory=dict)
     batch_sizes: list[int] = field(default_factory=lambda: [64])
     budget: Budget = field(default_factory=lambda: Budget(steps=200))
-    trial_timeout_s: float = 600.0
+    #: seconds before a trial is killed; None (``auto``): derived from the baseline trial's wall time.
+    trial_timeout_s: float | None = None
     objectives: list[Objective] = field(default_factory=list)
     constraints: list[Constraint] = field(default_factory=list)
     baseline: dict[str, Any] | None = None
@@ -87,6 +90,12 @@ class StudyConfig:
     #: a technique parameter the file leaves out is ``search``-ed over its declared space, or kept at its
     #: ``default``.
     omitted_params: str = "search"
+    #: the baseline runs again after every this many launched trials (0: never), so drift shows.
+    remeasure_baseline_every: int = 10
+    #: the GPUs whose slots run trials at once (None: every visible GPU); see :mod:`harness.slots`.
+    gpus: list[int] | None = None
+    #: trials at once in a CPU study (1: parallel CPU trials would distort each other's throughput).
+    cpu_slots: int = 1
     path: str = ""
 
     @property
@@ -126,7 +135,13 @@ class StudyConfig:
                                              ("search", "default"))
         _parse_axes(cfg, where, data.get("axes"), registry)
         cfg.batch_sizes = _parse_batch_sizes(f"{where}.batch_size", data.get("batch_size", 64))
-        cfg.trial_timeout_s = positive(f"{where}.trial_timeout_s", data.get("trial_timeout_s", 600), " of seconds")
+        timeout = data.get("trial_timeout_s", "auto")
+        cfg.trial_timeout_s = None if timeout == "auto" else positive(
+            f"{where}.trial_timeout_s", timeout, " of seconds or 'auto' (derived from the baseline's wall time)")
+        cfg.remeasure_baseline_every = integer(f"{where}.remeasure_baseline_every",
+                                               data.get("remeasure_baseline_every", 10), 0, " of launched trials")
+        cfg.gpus = parse_gpus(f"{where}.gpus", data.get("gpus", "all"))
+        cfg.cpu_slots = integer(f"{where}.cpu_slots", data.get("cpu_slots", 1), 1, " (trials at once on a CPU)")
         cfg.objectives = _parse_objectives(f"{where}.objectives", data.get("objectives", ["throughput"]), registry)
         cfg.constraints = _parse_constraints(f"{where}.constraints", data.get("constraints") or {}, registry)
         if "baseline" in data:

@@ -153,6 +153,8 @@ class Trial:
             torch.backends.cudnn.benchmark = True
         measure.reset_peak_memory(device)
         self.conditions = measure.conditions(device)
+        if device.type == "cpu":
+            self.conditions["cpu_threads"] = str(measure.fix_cpu_threads(self.dist.world))
         self._emit("phase", phase="setup")
 
         wl = self._registry.build_workload(spec, device)
@@ -271,11 +273,13 @@ class Trial:
         try:
             self.setup()
             self._hooks.trial_start(trial=self)
-            TimedLoop(self, self._hooks, self._emit).run()
+            loop = TimedLoop(self, self._hooks, self._emit)
+            loop.run()
             self.phase = "evaluate"
             self.metrics.update(self.evaluate())
             self.phase = "compress"
-            self._compress_and_measure()
+            changed = self._compress_and_measure()
+            loop.remeasure(allowed=not changed)
             status, message = "ok", ""
         except Exception as exc:
             status, message = self._failures.classify(exc, self.phase)
@@ -290,7 +294,11 @@ class Trial:
             self.engine.close()
         return result
 
-    def _compress_and_measure(self) -> None:
+    def _compress_and_measure(self) -> bool:
+        """Compress after training (re-evaluating the compressed model) and take the model's and the precision's
+        measurements. True when compression changed the model the train step runs (its parameters replaced or
+        turned into another kind of tensor, as pruning and 2:4 sparsity do; a quantised copy changes nothing)."""
+        before = [(p, type(p.data)) for p in self.engine.module.parameters()]
         compressed = self._hooks.compress_after_training(model=self.engine.module, trainer=self,
                                                          workload=self.workload, spec=self.spec, device=self.device)
         final_model = self.engine.module
@@ -304,6 +312,9 @@ class Trial:
                                                           spec=self.spec, device=self.device))
         self.metrics.update(self.precision.stats())
         self.metrics["peak_memory_bytes"] = measure.peak_memory_bytes(self.device)
+        after = [(p, type(p.data)) for p in self.engine.module.parameters()]
+        return len(before) != len(after) or any(a is not b or ta is not tb for (a, ta), (b, tb) in zip(
+            before, after, strict=True))
 
     def _measure_trial(self, status: str, message: str) -> tuple[str, str]:
         """Add the plugins' whole-trial measurements; a plugin failing there fails a trial that was ok."""

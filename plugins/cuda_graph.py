@@ -26,11 +26,19 @@ TECHNIQUE = Technique(
            "channels_last": Categorical((False, True), default=False,
                                         help="also run the model and image inputs channels-last")},
     requires=Requirements(cuda=True, max_devices=1),
-    incompatible=("parallelism:ddp", "parallelism:deepspeed", "parallelism:fsdp", "precision:amp-fp16",
-                  "compression:prune", "compression:quantize"),
-    reason="a captured CUDA graph replays one fixed single-process step: it cannot contain multi-process "
-           "communication, GradScaler's host-side overflow checks, or a model changed mid-training "
-           "(pruning masks, quantisation observers)",
+    incompatible={
+        "parallelism:ddp": "a captured CUDA graph replays one single-process step; DDP's gradient all-reduce "
+                           "runs from the host between kernels",
+        "parallelism:deepspeed": "a captured CUDA graph replays one single-process step; DeepSpeed's engine "
+                                 "communicates and synchronises with the host inside its step",
+        "parallelism:fsdp": "a captured CUDA graph replays one single-process step; FSDP's all-gathers and frees "
+                            "are driven from the host between kernels",
+        "precision:amp-fp16": "a captured CUDA graph cannot contain GradScaler's host-side overflow checks",
+        "compression:prune": "a captured CUDA graph replays a fixed model; pruning changes its weights' masks "
+                             "during training",
+        "compression:quantize": "a captured CUDA graph replays a fixed model; quantisation-aware training "
+                                "changes its observers during training",
+    },
     description="whole train step (forward, backward, optimizer) captured in one CUDA graph",
 )
 

@@ -59,9 +59,9 @@ TECHNIQUE = Technique(
                                     help="overlap gradient reduction with the backward pass"),
     },
     requires=Requirements(packages=("deepspeed",)),
-    incompatible=("compile:cuda-graph", "precision:fp8"),
-    reason="DeepSpeed's engine synchronises with the host inside its step (no whole-step CUDA graph) and has "
-           "no fp8 mode here",
+    incompatible={"compile:cuda-graph": "DeepSpeed's engine synchronises with the host inside its step, so the "
+                                        "whole step cannot be captured in one CUDA graph",
+                  "precision:fp8": "DeepSpeed has no fp8 mode here"},
     description="DeepSpeed ZeRO 0-3 with optional CPU offload of optimizer and parameters",
 )
 

@@ -41,8 +41,9 @@ TECHNIQUE = Technique(
                                   help="gradual: optimizer steps between mask updates (0: 1/20 of training)"),
         **_model_stats.inference_space(),
     },
-    incompatible=("parallelism:deepspeed", "parallelism:fsdp", "precision:fp8"),
-    reason="pruning masks whole unsharded weight tensors of torch Linear/Conv modules",
+    incompatible={"parallelism:deepspeed": "pruning masks whole unsharded weight tensors; DeepSpeed shards them",
+                  "parallelism:fsdp": "pruning masks whole unsharded weight tensors; FSDP shards them",
+                  "precision:fp8": "pruning masks the weights of torch Linear modules; fp8 replaces those modules"},
     description="pruning: global magnitude, structured channels, 2:4 semi-structured; before, gradual, after",
 )
 

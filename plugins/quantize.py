@@ -37,8 +37,10 @@ TECHNIQUE = Technique(
                                             "float32 on the CPU)"),
         **_model_stats.inference_space(),
     },
-    incompatible=("parallelism:deepspeed", "parallelism:fsdp", "precision:fp8"),
-    reason="quantisation rewrites whole unsharded torch Linear modules",
+    incompatible={"parallelism:deepspeed": "quantisation rewrites whole unsharded torch Linear modules; DeepSpeed "
+                                           "shards them",
+                  "parallelism:fsdp": "quantisation rewrites whole unsharded torch Linear modules; FSDP shards them",
+                  "precision:fp8": "quantisation rewrites torch Linear modules; fp8 replaces them with float8 ones"},
     description="int8 quantisation: post-training dynamic (CPU), weight-only (torchao), quantisation-aware training",
 )
 
@@ -57,6 +59,36 @@ def _quiet():
 def _engine_qconfig_backend() -> str:
     engine = torch.backends.quantized.engine
     return engine if engine in ("x86", "fbgemm", "qnnpack", "onednn") else "x86"
+
+
+class NoFastPath(nn.Module):
+    """Runs ``module`` with torch's fused Transformer inference path (``torch.backends.mha``) switched off.
+
+    That path reads the float ``weight`` tensors of an ``nn.TransformerEncoderLayer``'s Linear layers, which
+    quantised layers replace (``weight`` becomes a method), so a quantised Transformer crashes in it; the
+    layer-by-layer path computes the same outputs.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(enabled)
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+
+def without_fast_path(model: nn.Module) -> nn.Module:
+    """``model``, wrapped in :class:`NoFastPath` when it holds a layer with torch's fused Transformer path."""
+    fused = (nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.MultiheadAttention)
+    return NoFastPath(model) if any(isinstance(m, fused) for m in model.modules()) else model
 
 
 # --------------------------------------------------------------------------------------------- methods
@@ -108,7 +140,9 @@ def prepare_qat(model: nn.Module) -> nn.Module:
             if isinstance(parent, QuantWrapper):
                 continue
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
+                # exactly nn.Linear: attention's output projection (a Linear subclass) is used by its weight,
+                # never called, so it cannot be wrapped
+                if type(child) is nn.Linear:
                     wrapper = QuantWrapper(child)
                     wrapper.qconfig = qconfig
                     setattr(parent, name, wrapper)
@@ -166,8 +200,8 @@ def harness_compress_before_training(model, workload, spec):
 def harness_compress_after_training(model, spec, device):
     method = spec.compression.params["method"]
     if method == "int8-weight-only":
-        return int8_weight_only(model, inference_dtype(spec.compression.params, device))
-    quantized = dynamic_int8(model) if method == "dynamic-int8" else convert_qat(model)
+        return without_fast_path(int8_weight_only(model, inference_dtype(spec.compression.params, device)))
+    quantized = without_fast_path(dynamic_int8(model) if method == "dynamic-int8" else convert_qat(model))
     return _model_stats.OnDevice(quantized, torch.device("cpu")) if device.type != "cpu" else quantized
 
 

@@ -1,5 +1,6 @@
-"""A bring-your-own workload for the tests: named in a trial as ``workload: byo_workload:two_moons`` (with
-``tests/`` on ``PYTHONPATH``), built by calling ``two_moons(device=..., seed=..., **params)``."""
+"""Bring-your-own workloads for the tests: named in a trial as ``workload: byo_workload:two_moons`` (with
+``tests/`` on ``PYTHONPATH``), built by calling ``two_moons(device=..., seed=..., **params)``; and
+``byo_workload:refuses_to_evaluate``, whose model raises when evaluated (failure messages)."""
 from __future__ import annotations
 
 import math
@@ -29,3 +30,31 @@ def two_moons(device=None, seed: int = 0, samples: int = 512, hidden: int = 32, 
 
 
 two_moons.kinds = ("mlp",)
+
+
+class _RefusesToEvaluate(nn.Module):
+    """Trains like an MLP; its forward raises in evaluation mode, from a nested call spread over several lines
+    (the shape of traceback that once turned into a garbled failure message)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, 2))
+
+    def forward(self, x):
+        if not self.training:
+            _refuse(
+                "evaluation",
+                x.shape,
+            )
+        return self.net(x)
+
+
+def _refuse(what, shape):
+    raise RuntimeError(f"this model refuses {what} of a {tuple(shape)} batch\nsecond line of the message")
+
+
+def refuses_to_evaluate(device=None, seed: int = 0, samples: int = 256, hidden: int = 8):
+    """Two moons with a model that trains but raises when evaluated."""
+    workload = two_moons(device=device, seed=seed, samples=samples, hidden=hidden)
+    workload.model = _RefusesToEvaluate(hidden).to(device)
+    return workload

@@ -6,6 +6,8 @@ study driver's failure classes can be checked with real trial processes.
   ``sigkill`` (the trial process kills itself with SIGKILL).
 - compile ``needs-cuda``: declares ``Requirements(cuda=True)``; on a CPU machine it is infeasible and must
   never be launched (it would write ``launched-needs-cuda`` into the working directory if it were).
+- compile ``shuns-fault``: runs eagerly but declares itself incompatible with compression ``fault``, so those
+  combinations are ruled out before launch.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ def harness_declare_techniques():
                   description="test-only: fails in the chosen way"),
         Technique(axis="compile", name="needs-cuda", requires=Requirements(cuda=True),
                   description="test-only: needs CUDA, so infeasible on a CPU"),
+        Technique(axis="compile", name="shuns-fault", incompatible={"compression:fault": "test-only rule"},
+                  description="test-only: eager, but declared incompatible with compression fault"),
     ]
 
 
@@ -59,6 +63,7 @@ def harness_compress_before_training(model, spec):
 
 
 @hookimpl
-def harness_compile_step(step):
-    Path("launched-needs-cuda").write_text("this trial should never have been launched\n")
+def harness_compile_step(step, spec):
+    if spec.compile.name == "needs-cuda":
+        Path("launched-needs-cuda").write_text("this trial should never have been launched\n")
     return step

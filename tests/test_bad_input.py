@@ -124,7 +124,7 @@ def test_duplicate_top_level_key_names_the_key_and_both_lines(tmp_path, db, harn
 
 
 def test_duplicate_nested_key_is_rejected(tmp_path, db, harness_cli):
-    text = QUICKSTART.replace("budget: {steps: 150,", "budget: {steps: 150, steps: 20,").replace(
+    text = QUICKSTART.replace("budget: {steps: 200,", "budget: {steps: 200, steps: 20,").replace(
         "sqlite:///harness.db", f"sqlite:///{db}")
     study_fails(harness_cli, db, write(tmp_path, text), "duplicate key 'steps'")
 

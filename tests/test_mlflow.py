@@ -1,17 +1,16 @@
 """The ``mlflow`` plugin against a real ``mlflow server`` on loopback: a study through the real driver (``harness
-study``) read back with MlflowClient (parent/child links, params, per-step and final metrics, statuses for
-COMPLETE / FAIL / PRUNED, tags, artifacts), a child left RUNNING by a killed driver closed FAILED on resume,
-standalone runs of ``harness run``, disabling by name, bad tracking settings, and per-registry plugin state."""
+study``) read back with MlflowClient (parent/child links, params and the search space, per-step and final metrics,
+statuses for COMPLETE / FAIL / PRUNED, tags, artifacts, the baseline's run, the saved views and the printed link),
+a child left RUNNING by a killed driver closed FAILED on resume, standalone runs of ``harness run``, disabling by
+name, bad tracking settings, and per-registry plugin state. What the UI renders is tested in test_browser.py."""
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +19,7 @@ import psutil
 import pytest
 import yaml
 from mlflow import MlflowClient
+from mlflow_server import mlflow_process
 
 from harness.errors import SpecError
 from harness.outcomes import TrialRecord
@@ -36,48 +36,13 @@ ADAMW = {"adamw": {"lr": 0.01, "weight_decay": 0.0, "implementation": "default",
                    "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "warmup_fraction": 0.05}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real MLflow tracking server (SQLite backend, proxied artifacts) on a free loopback port."""
     tmp = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = open(tmp / "server.log", "wb")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
-         "--artifacts-destination", str(tmp / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 150
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(tmp / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer /health: {(tmp / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    with mlflow_process(["server", "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+                         "--artifacts-destination", str(tmp / "artifacts")], tmp / "server.log") as uri:
         yield uri
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=5)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def env(**extra) -> dict:
@@ -93,14 +58,14 @@ def study_file(tmp: Path, name: str, uri: str, **fields) -> Path:
     data = {
         "name": name,
         "workload": {"name": "digits", "hidden": 32, "depth": 1},
-        "axes": {"optimizer": ADAMW, "compile": ["eager", "needs-cuda"],
+        "axes": {"optimizer": ADAMW, "compile": ["eager"],
                  "compression": {"none": None, "fault": {"mode": "raise"}}},
         "batch_size": 64,
-        "budget": {"steps": 24, "warmup_steps": 2, "windows": 3, "eval_every_steps": 12},
+        "budget": {"steps": 24, "warmup_steps": 2, "windows": 3, "eval_every_steps": 12, "noise_threshold": 0},
         "trial_timeout_s": 120,
         "objectives": [{"throughput": "max"}, {"accuracy": "max"}],
         "sampler": "grid",
-        "n_trials": 4,
+        "n_trials": 2,
         "device": "cpu",
         "heartbeat_s": 1,
         "storage": f"sqlite:///{tmp / 'optuna.db'}",
@@ -127,10 +92,11 @@ def runs_of(client: MlflowClient, experiment: str) -> list:
 # ============================================================================================ a study
 @pytest.fixture(scope="module")
 def study_run(server, tmp_path_factory):
-    """The grid over compile {eager, needs-cuda} x compression {none, fault(raise)}: one COMPLETE trial, one
-    FAIL (plugin-error) and two PRUNED (infeasible: needs CUDA)."""
+    """The grid over compression {none, fault(raise)}: one COMPLETE trial and one FAIL (plugin-error); and a
+    baseline at batch size 32, measured again after each trial."""
     tmp = tmp_path_factory.mktemp("mlflow-study")
-    proc = harness(["study", study_file(tmp, "grid", server)], tmp)
+    proc = harness(["study", study_file(tmp, "grid", server, baseline={"batch_size": 32},
+                                        remeasure_baseline_every=1)], tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study = optuna.load_study(study_name="grid", storage=f"sqlite:///{tmp / 'optuna.db'}")
     client = MlflowClient(tracking_uri=server)
@@ -138,20 +104,25 @@ def study_run(server, tmp_path_factory):
     parent = [r for r in runs if r.data.tags.get("harness.role") == "study"]
     children = {int(r.data.tags["harness.trial_number"]): r for r in runs if r.data.tags.get("harness.role") == "trial"}
     records = {t.number: t.user_attrs["record"] for t in study.get_trials()}
-    return dict(tmp=tmp, client=client, parent=parent, children=children, records=records)
+    baseline = [r for r in runs if r.data.tags.get("harness.role") == "baseline"]
+    return dict(tmp=tmp, client=client, parent=parent, children=children, records=records, baseline=baseline,
+                baseline_record=study.user_attrs["baseline"], checks=study.user_attrs.get("baseline_checks", []),
+                stdout=proc.stdout,
+                experiment=client.get_experiment_by_name("exp-grid"))
 
 
 def by_state(study_run, state: str) -> list[tuple[dict, object]]:
     return [(rec, study_run["children"][n]) for n, rec in study_run["records"].items() if rec["state"] == state]
 
 
-def test_one_parent_run_per_study_with_space_objectives_and_device(study_run):
+def test_one_parent_run_per_study_with_summary_objectives_and_device(study_run):
     assert len(study_run["parent"]) == 1
     parent = study_run["parent"][0]
     assert parent.info.status == "FINISHED"
     p = parent.data.params
-    assert p["workload"] == "digits" and p["space.compile"] == "eager, needs-cuda"
-    assert p["space.compression"] == "none, fault" and p["space.compression.fault.mode"] == "raise"
+    assert p["workload"] == "digits"
+    assert p["techniques"] == ("optimizer: adamw | precision: fp32 | compile: eager | parallelism: single | "
+                               "compression: none, fault")
     assert p["objectives"] == "throughput (maximize), accuracy (maximize)"
     t = parent.data.tags
     assert t["device.host"] == socket.gethostname()
@@ -160,9 +131,24 @@ def test_one_parent_run_per_study_with_space_objectives_and_device(study_run):
     assert parent.data.metrics["trials_complete"] == 1 and parent.data.metrics["trials_failed"] == 1
 
 
+def test_search_space_is_an_artifact_not_params(study_run):
+    client, tmp = study_run["client"], study_run["tmp"]
+    parent = study_run["parent"][0]
+    assert not [k for k in parent.data.params if k.startswith("space.")]
+    assert len(parent.data.params) <= 12  # a few summary params; the column picker is for the trials' own
+    space = json.loads(Path(client.download_artifacts(parent.info.run_id, "space.json", str(tmp))).read_text())
+    assert space["axes"]["compile"] == {"eager": {}} and space["axes"]["compression"]["none"] == {}
+    assert space["axes"]["compression"]["fault"]["mode"] == "raise"
+    assert space["axes"]["optimizer"]["adamw"]["lr"] == "0.01" and space["batch_size"] == [64]
+
+
+def test_experiment_is_marked_as_model_training(study_run):
+    assert study_run["experiment"].tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_every_trial_is_a_child_run_with_its_status(study_run):
     parent_id = study_run["parent"][0].info.run_id
-    assert sorted(study_run["children"]) == sorted(study_run["records"]) and len(study_run["records"]) == 4
+    assert sorted(study_run["children"]) == sorted(study_run["records"]) and len(study_run["records"]) == 2
     expected = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
     for number, rec in study_run["records"].items():
         run = study_run["children"][number]
@@ -172,17 +158,14 @@ def test_every_trial_is_a_child_run_with_its_status(study_run):
         assert run.data.tags["harness.spec_hash"] == rec["spec_hash"]
         assert run.data.params["compile"] == rec["params"]["compile"]
         assert run.data.params["optimizer.lr"] == "0.01"
-    assert sorted(r["state"] for r in study_run["records"].values()) == ["COMPLETE", "FAIL", "PRUNED", "PRUNED"]
+    assert sorted(r["state"] for r in study_run["records"].values()) == ["COMPLETE", "FAIL"]
 
 
-def test_failed_and_pruned_trials_carry_class_and_message(study_run):
+def test_failed_trial_carries_class_and_message(study_run):
     (rec, run), = by_state(study_run, "FAIL")
     assert run.data.tags["harness.failure_class"] == "plugin-error"
     assert "injected plugin bug" in run.data.tags["harness.failure_message"]
-    for _rec, run in by_state(study_run, "PRUNED"):
-        assert run.data.tags["harness.failure_class"] == "infeasible"
-        assert "requires CUDA" in run.data.tags["harness.failure_message"]
-        assert run.data.tags["pareto"] == "false"
+    assert run.data.tags["pareto"] == "false" and "speedup_vs_baseline" not in run.data.metrics
 
 
 def test_complete_trial_has_step_metrics_final_metrics_and_objectives(study_run):
@@ -196,16 +179,20 @@ def test_complete_trial_has_step_metrics_final_metrics_and_objectives(study_run)
     loss = client.get_metric_history(run.info.run_id, "train_loss")
     steps = sorted(p.step for p in loss)
     assert steps[0] == 2 and steps[-1] == 24 and len(set(steps)) == 1 + rec["metrics"]["timing_windows"]
-    window = client.get_metric_history(run.info.run_id, "window_throughput_samples_per_s")
+    window = client.get_metric_history(run.info.run_id, "window/throughput_samples_per_s")
     assert len(window) == rec["metrics"]["timing_windows"] and all(p.value > 0 for p in window)
+    assert len(client.get_metric_history(run.info.run_id, "throughput_samples_per_s")) == 1  # only the final one
     assert len(client.get_metric_history(run.info.run_id, "lr")) >= 3
     # evaluations: the intermediate one (step 12) and the final one
     assert sorted({p.step for p in client.get_metric_history(run.info.run_id, "accuracy")}) == [12, 24]
     assert run.data.tags["pareto"] == "true"
     assert run.data.tags["condition.device_name"].startswith("cpu")
+    base = study_run["baseline_record"]["metrics"]["throughput_samples_per_s"]
+    expected = rec["metrics"].get("speedup_vs_baseline", rec["metrics"]["throughput_samples_per_s"] / base)
+    assert m["speedup_vs_baseline"] == pytest.approx(expected)
 
 
-def test_artifacts_spec_on_children_and_report_on_parent(study_run):
+def test_artifacts_spec_log_and_result_on_children_and_report_on_parent(study_run):
     client, tmp = study_run["client"], study_run["tmp"]
     for run in study_run["children"].values():
         names = [a.path for a in client.list_artifacts(run.info.run_id)]
@@ -213,10 +200,76 @@ def test_artifacts_spec_on_children_and_report_on_parent(study_run):
     (rec, run), = by_state(study_run, "COMPLETE")
     spec = json.loads(Path(client.download_artifacts(run.info.run_id, "trial_spec.json", str(tmp))).read_text())
     assert spec["tags"]["mlflow.run_id"] == run.info.run_id and spec["compile"]["name"] == "eager"
+    result = json.loads(Path(client.download_artifacts(run.info.run_id, "result.json", str(tmp))).read_text())
+    assert result["metrics"]["throughput_samples_per_s"] == pytest.approx(rec["metrics"]["throughput_samples_per_s"])
+    (_, failed), = by_state(study_run, "FAIL")
+    log = Path(client.download_artifacts(failed.info.run_id, "worker.log", str(tmp))).read_text()
+    assert "injected plugin bug" in log  # the failed trial's own traceback
     parent = study_run["parent"][0]
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     written = {p.name for p in (tmp / "out").iterdir() if p.suffix in (".csv", ".png", ".json")}
     assert "trials.csv" in names and written <= names
+
+
+def test_baseline_is_a_child_run_tagged_baseline(study_run):
+    client, tmp = study_run["client"], study_run["tmp"]
+    (run,) = study_run["baseline"]
+    record = study_run["baseline_record"]
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("baseline ")
+    assert run.data.tags["baseline"] == "true" and run.data.tags["harness.trial_number"] == "-1"
+    assert run.data.tags["mlflow.parentRunId"] == study_run["parent"][0].info.run_id
+    assert run.data.params["batch_size"] == "32"
+    m = run.data.metrics
+    assert m["throughput_samples_per_s"] == pytest.approx(record["metrics"]["throughput_samples_per_s"])
+    assert m["throughput"] == m["throughput_samples_per_s"] and m["speedup_vs_baseline"] == 1.0
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"trial_spec.json", "worker.log", "result.json"} <= names
+    result = json.loads(Path(client.download_artifacts(run.info.run_id, "result.json", str(tmp))).read_text())
+    assert result["metrics"]["throughput_samples_per_s"] == pytest.approx(m["throughput_samples_per_s"])
+
+
+def test_baseline_remeasurements_are_a_series_on_its_run(study_run):
+    (run,) = study_run["baseline"]
+    checks = study_run["checks"]
+    assert [c["after_trials"] for c in checks] == [1, 2]
+    series = study_run["client"].get_metric_history(run.info.run_id, "remeasured/throughput_samples_per_s")
+    assert [(p.step, p.value) for p in sorted(series, key=lambda p: p.step)] == [
+        (c["after_trials"], pytest.approx(c["throughput_samples_per_s"])) for c in checks]
+    drift = study_run["client"].get_metric_history(run.info.run_id, "remeasured/speedup_vs_baseline")
+    assert [p.value for p in sorted(drift, key=lambda p: p.step)] == pytest.approx(
+        [c["speedup_vs_baseline"] for c in checks])
+
+
+def test_saved_views_open_on_the_front_and_the_link_is_printed(study_run, server):
+    exp, parent = study_run["experiment"], study_run["parent"][0].info.run_id
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.pareto-{parent}"])
+    assert view["name"] == "grid: Pareto front, best throughput first"
+    state = json.loads(view["state"])
+    assert state["searchFilter"] == "tags.pareto = 'true' and tags.`harness.study` = 'grid'"
+    assert state["orderByKey"] == "metrics.`throughput`" and state["orderByAsc"] is False
+    assert {"params.`optimizer`", "params.`compile`", "metrics.`throughput`", "metrics.`accuracy`",
+            "metrics.`speedup_vs_baseline`"} <= set(state["selectedColumns"])
+    trials = json.loads(json.loads(exp.tags[f"mlflow.sharedViewState.trials-{parent}"])["state"])
+    assert trials["searchFilter"] == "tags.`harness.role` != 'study' and tags.`harness.study` = 'grid'"
+    # the filters select what they say: the front, and every trial and the baseline
+    client = study_run["client"]
+    front = client.search_runs([exp.experiment_id], state["searchFilter"])
+    assert {r.data.tags["harness.trial_number"] for r in front} == {
+        str(n) for n, rec in study_run["records"].items() if rec["state"] == "COMPLETE"}
+    every = client.search_runs([exp.experiment_id], trials["searchFilter"])
+    assert len(every) == len(study_run["records"]) + 1
+    link = (f"{server}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning&"
+            f"viewStateShareKey=pareto-{parent}")
+    assert f"MLflow: grid: Pareto front, best throughput first: {link}" in study_run["stdout"]
+
+
+def test_a_sqlite_store_is_served_by_the_command_printed():
+    from plugins.mlflow_tracking.ui import where_to_look
+
+    first, second = where_to_look("sqlite:////data/mlflow.db", "3", "pareto-abc", "s: Pareto front")
+    assert first == "MLflow: start the UI with  mlflow ui --backend-store-uri sqlite:////data/mlflow.db"
+    assert second == ("then open s: Pareto front: http://127.0.0.1:5000/#/experiments/3/runs?"
+                      "workflowType=machine_learning&viewStateShareKey=pareto-abc")
 
 
 # ============================================================================================ resume
@@ -337,10 +390,18 @@ def test_two_registries_keep_their_own_tracking_state(server, tmp_path):
     assert child.info.status == "FINISHED" and child.data.tags["harness.state"] == "COMPLETE"
     assert child.data.metrics["throughput"] == child.data.metrics["throughput_samples_per_s"] == 123.0
     assert [(p.step, p.value) for p in client.get_metric_history(child.info.run_id, "train_loss")] == [(3, 0.5)]
+    # a trial ruled out before launch still gets a run, closed KILLED like every PRUNED trial
+    infeasible = make_spec(workload="digits", batch_size=16)
+    pruned = TrialRecord(number=1, state="PRUNED", failure_class="infeasible", message="needs a GPU",
+                         spec_hash=infeasible.spec_hash())
+    first.hooks.trial_finished(spec=infeasible, record=pruned, study=study)
+    (killed,) = [r for r in runs_of(client, "exp-two") if r.data.tags.get("harness.trial_number") == "1"]
+    assert killed.info.status == "KILLED" and killed.data.tags["harness.failure_class"] == "infeasible"
     second.hooks.study_end(study=study, config=config, records=[record], pareto=[record], output_dir=tmp_path)
     (parent,) = [r for r in runs_of(client, "exp-two") if r.data.tags.get("harness.role") == "study"]
     assert parent.info.status == "RUNNING"  # the second registry never started this study
-    first.hooks.study_end(study=study, config=config, records=[record], pareto=[record], output_dir=tmp_path)
+    first.hooks.study_end(study=study, config=config, records=[record, pruned], pareto=[record],
+                          output_dir=tmp_path)
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert client.get_run(child.info.run_id).data.tags["pareto"] == "true"
     # no report was written to output_dir: the plugin attaches one made by harness.report.write_trials_csv

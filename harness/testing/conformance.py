@@ -8,6 +8,7 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
+from harness.config import Setting
 from harness.hookspecs import DECLARATION_HOOKS
 from harness.space import AXES, Categorical, Float, Int, Requirements, Technique
 from harness.workload import WorkloadInfo
@@ -31,16 +32,19 @@ def check_plugin(plugin: Any, raises: bool = True) -> list[str]:
       ``@hookimpl`` marker (pluggy would silently ignore them);
     - declarations the way the plugin manager checks them at load time, plus: names in kebab-case and unique
       within the plugin, parameter spaces of ``Float``/``Int``/``Categorical`` with valid ranges and defaults,
-      sane :class:`Requirements`, ``incompatible`` entries as ``"axis:name"`` on another axis, workloads
+      sane :class:`Requirements`, ``incompatible`` entries as ``"axis:name"`` on another axis with a reason, workloads
       whose ``build`` accepts ``device``, ``seed`` and every declared parameter;
     - techniques on the optimizer, precision and parallelism axes implement the hook that builds them;
     - a technique hook (``harness.hookspecs.axis_of(hook)``) is implemented only by a plugin that declares a
       technique on that hook's axis: the harness calls it only on the plugin that declared the trial's
-      technique, so any other implementation would never run.
+      technique, so any other implementation would never run;
+    - no technique, workload or study-file section it declares is already declared by another installed
+      plugin (a built-in or a third party's): installed together, the harness would disable one of the two.
 
     :param raises: raise ``AssertionError`` listing every problem (default), or only return them.
     :returns: the problems found (an empty list for a conforming plugin).
     """
+    original = plugin
     if isinstance(plugin, type):
         name, plugin = plugin.__name__, plugin()
     else:
@@ -61,6 +65,7 @@ def check_plugin(plugin: Any, raises: bool = True) -> list[str]:
         # the plugin manager's own verdict, unless the finer checks above already explain it
         problems += found or ([f"bad declaration: {load_error}"] if load_error else [])
     problems += _axis_problems(marked, {item.axis for item in declared if isinstance(item, Technique)})
+    problems += _clash_problems(original, plugin, declared)
     problems = [f"{name}: {p}" for p in problems]
     if problems and raises:
         raise AssertionError(f"plugin {name} does not conform ({len(problems)} problem(s)):\n  "
@@ -78,7 +83,7 @@ def _hook_problems(hooks: Mapping[str, Any], name: str) -> list[str]:
     import pluggy
 
     from harness import hookspecs
-    from harness.plugins import unknown_hooks
+    from harness.plugins import unknown_arguments, unknown_hooks
 
     problems = []
     for attr, func in sorted(hooks.items()):
@@ -93,9 +98,58 @@ def _hook_problems(hooks: Mapping[str, Any], name: str) -> list[str]:
             pm.register(single, name=f"{name}.{attr}")
         except pluggy.PluginValidationError as exc:
             lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
-            problems.append(f"hook signature error: {'; '.join(lines)}")
+            problems.append(f"hook signature error: {unknown_arguments(attr, func) or '; '.join(lines)}")
             continue
         problems += unknown_hooks(pm, single)
+    return problems
+
+
+def _is_same_plugin(loaded: Any, original: Any, instance: Any) -> bool:
+    """Whether ``loaded`` (what the plugin manager registered) is the plugin being checked."""
+    if loaded is original or loaded is instance:
+        return True
+    if isinstance(loaded, types.ModuleType):
+        return isinstance(original, types.ModuleType) and loaded.__name__ == original.__name__
+    return type(loaded) is (original if isinstance(original, type) else type(instance))
+
+
+def _clash_problems(original: Any, instance: Any, declared: list[Any]) -> list[str]:
+    """Names the plugin declares that another installed plugin (entry points, ``HARNESS_PLUGINS``) already
+    declares: the plugin manager would disable one of the two."""
+    import contextlib
+    import io
+
+    from harness.plugins import Registry
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # other plugins' load errors are not this check's
+            registry = Registry()
+    except Exception:  # noqa: BLE001 (an environment whose plugins cannot load has nothing to clash with)
+        return []
+
+    def owner(plugin_name: str, what: str) -> str | None:
+        if not plugin_name or _is_same_plugin(registry.plugin(plugin_name), original, instance):
+            return None
+        rec = registry.records.get(plugin_name)
+        dist = f" ({' '.join(filter(None, (rec.distribution, rec.version)))})" if rec and rec.distribution else ""
+        return (f"{what} is already declared by the installed plugin {plugin_name!r}{dist}; installed together, "
+                "the harness disables one of the two plugins: rename it")
+
+    problems = []
+    for item in declared:
+        if isinstance(item, Technique):
+            other = registry.techniques.get((item.axis, item.name))
+            found = owner(other.plugin, f"technique {item.axis}:{item.name}: the name") if other else None
+        elif isinstance(item, WorkloadInfo):
+            info = registry.workloads.get(item.name)
+            found = owner(info.plugin, f"workload {item.name!r}: the name") if info else None
+        elif isinstance(item, Setting):
+            setting = registry.settings.get(item.key)
+            found = owner(setting.plugin, f"study-file section {item.key!r}") if setting else None
+        else:
+            found = None
+        if found:
+            problems.append(found)
     return problems
 
 
@@ -232,10 +286,18 @@ def _technique_problems(tech: Technique, marked: set[str], seen: set[Any]) -> li
 
 
 def _incompatible_problems(owner: str, tech: Technique) -> list[str]:
-    if not isinstance(tech.incompatible, tuple):
-        return [f"{owner}: incompatible must be a tuple of 'axis:name' strings, got {tech.incompatible!r}"]
+    rules = tech.incompatible
+    if not isinstance(rules, (tuple, Mapping)):
+        return [f"{owner}: incompatible must be a tuple of 'axis:name' strings or a mapping 'axis:name' -> "
+                f"reason, got {rules!r}"]
     problems = []
-    for rule in tech.incompatible:
+    for rule in rules:
+        why = rules[rule] if isinstance(rules, Mapping) else tech.reason
+        if not isinstance(why, str):
+            problems.append(f"{owner}: the reason of incompatible entry {rule!r} must be a string, got {why!r}")
+        elif not (why or tech.reason).strip():
+            problems.append(f"{owner}: incompatible entry {rule!r} has no reason (users see it with the "
+                            "infeasible verdict: give each entry its reason, or set reason)")
         axis, sep, other = str(rule).partition(":")
         if not sep or axis not in AXES or not other:
             problems.append(f"{owner}: incompatible entry {rule!r} is not 'axis:name' (axes: {', '.join(AXES)})")

@@ -26,8 +26,9 @@ TINY_WORKLOAD = "harness.testing:tiny_workload"
 
 # ============================================================================================ specs
 def make_spec(*, registry: Registry | None = None, **fields: Any) -> TrialSpec:
-    """A TrialSpec for a quick CPU trial (60 steps, batch 64) with any field overridden; the workload and the
-    techniques left out are the declared defaults (``digits``, ``adamw``, ``fp32``...).
+    """A TrialSpec for a quick CPU trial (60 steps, batch 64, no re-timing of noisy windows:
+    ``budget.noise_threshold`` 0) with any field overridden; the workload and the techniques left out are the
+    declared defaults (``digits``, ``adamw``, ``fp32``...).
 
     ``optimizer="sgd"`` or ``optimizer={"name": "sgd", "lr": 0.1}`` select techniques (the defaults of their
     parameters are filled in); ``budget={"steps": 80}`` overrides budget fields; ``workload_params`` are
@@ -37,9 +38,10 @@ def make_spec(*, registry: Registry | None = None, **fields: Any) -> TrialSpec:
 
     registry = registry or get_registry()
     budget = fields.pop("budget", None)
-    spec = TrialSpec(budget=Budget(steps=60, warmup_steps=3, windows=3), device="cpu")
+    # a quick trial's windows are too short to time reliably: it is not timed again when they disagree
+    spec = TrialSpec(budget=Budget(steps=60, warmup_steps=3, windows=3, noise_threshold=0), device="cpu")
     if isinstance(budget, dict):
-        budget = Budget(**{**Budget(warmup_steps=3, windows=3).__dict__, **budget})
+        budget = Budget(**{**Budget(warmup_steps=3, windows=3, noise_threshold=0).__dict__, **budget})
     if budget is not None:
         spec.budget = budget
     for axis in AXES:

@@ -2,20 +2,23 @@
 side in the MLflow UI.
 
 - **Study (driver, :mod:`.driver`)**: an experiment (the study file's ``mlflow.experiment``, default the study
-  name) and a parent run per study, found again on resume. Params: workload, search-space summary, objectives,
-  sampler, budget; tags: the device fingerprint (GPU name and count, driver, CUDA and torch versions, host).
+  name; tagged ``mlflow.experimentKind = custom_model_development``) and a parent run per study, found again on
+  resume. Params: workload, the techniques per axis, batch sizes, objectives, sampler, budget; the whole search
+  space as ``space.json``; tags: the device fingerprint (GPU name and count, driver, CUDA and torch versions, host).
 - **Trial**: a child run (tag ``mlflow.parentRunId``) created by the *driver* when the trial launches, with the
   flattened spec as params (``optimizer=adamw``, ``optimizer.lr=...``) and the spec as ``trial_spec.json``; the
   launch hook returns the run id and tracking URI as the trial's tags. The worker (:mod:`.worker`) buffers
-  per-step metrics (``train_loss``, ``lr``, ``window_throughput_samples_per_s``, telemetry gauges,
+  per-step metrics (``train_loss``, ``lr``, ``window/throughput_samples_per_s``, telemetry gauges,
   ``accuracy``/``val_loss`` at evaluations) in memory and writes them to a JSON-lines file named in those tags at
   the trial's end (and at intermediate evaluations, which are untimed): the trial process never imports MLflow nor
   waits on the tracking store, and nothing happens inside a timed window. When the trial has finished the driver
   logs those step metrics, the final metrics under their result names (``throughput_samples_per_s``,
   ``accuracy``, ``peak_memory_bytes``, ...) plus one per objective under the objective's name (``throughput``,
-  ``energy_per_sample``...), Optuna's intermediate values (``intermediate_value``) and tags (trial number, state,
-  failure class and message, spec hash), and closes the run: COMPLETE -> FINISHED, FAIL -> FAILED,
-  PRUNED -> KILLED.
+  ``energy_per_sample``...), ``speedup_vs_baseline``, Optuna's intermediate values (``intermediate_value``), tags
+  (trial number, state, failure class and message, spec hash) and the trial's ``worker.log`` and ``result.json``,
+  and closes the run: COMPLETE -> FINISHED, FAIL -> FAILED, PRUNED -> KILLED.
+- **Baseline**: a child run tagged ``baseline=true`` (``harness.role = baseline``), logged once the driver has
+  stored the baseline's record, with its params, metrics (``speedup_vs_baseline = 1``) and files.
 - **Ctrl-C**: the driver reports the running trial as ``interrupted`` (its child run is closed KILLED), then
   ``harness_study_interrupted`` closes the parent run KILLED, wherever the interrupt came.
 - **Resume**: a child run still RUNNING whose trial has finished in Optuna, or whose driver process is gone,
@@ -25,7 +28,9 @@ side in the MLflow UI.
   ``<db>.lock``, so drivers starting together never race on its schema nor leave it half-built.
 - **Credentials**: the password of a tracking URI (or of any URL in a param, tag or message) is masked.
 - **Study end**: ``pareto=true`` (else ``false``) on every child run, the report's files (``trials.csv``,
-  ``pareto.png``, ...) as artifacts of the parent run, which is closed FINISHED.
+  ``pareto.png``, ...) as artifacts of the parent run, which is closed FINISHED; two saved views of the runs table
+  (:mod:`.ui`: the Pareto front best first, every trial and the baseline) and the printed link that opens the first,
+  with the ``mlflow ui`` command that serves a SQLite store.
 
 Settings: the study file's ``mlflow:`` section (``experiment``, ``tracking_uri``, ``artifact_location``), declared
 with ``harness_declare_study_settings`` and checked before any storage is opened. Tracking URI: the section's
@@ -99,7 +104,7 @@ class MLflowTracking:
     # ---------------------------------------------------------------------------------------- driver
     @hookimpl
     def harness_study_start(self, study: optuna.Study, config: StudyConfig) -> None:
-        self._study = StudyRun.open(config, config.settings.get(NAME, {}))
+        self._study = StudyRun.open(config, config.settings.get(NAME, {}), study)
         self._study.close_orphans(study)
 
     @hookimpl

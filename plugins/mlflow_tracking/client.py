@@ -21,6 +21,10 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG_RUN_ID, TAG_URI, TAG_SPEC_HASH = "mlflow.run_id", "mlflow.tracking_uri", "mlflow.spec_hash"
 #: where the worker leaves its per-step metrics for the driver to log (JSON lines: key, value, ms, step)
 TAG_STEPS_FILE = "mlflow.step_metrics_file"
+#: the experiment tag MLflow 3's UI reads to open an experiment on its training runs rather than on GenAI traces
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+#: the most of a trial's file (worker log) kept as an artifact: its end, where a traceback is
+LOG_CHARS = 2_000_000
 #: MLflow's per-request limits of log_batch
 BATCH_METRICS, BATCH_TAGS, BATCH_PARAMS, VALUE_CHARS = 1000, 100, 100, 6000
 
@@ -116,25 +120,41 @@ def all_runs(client: Any, experiment_id: str, filter_string: str = "") -> list[A
 
 
 def experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
-    """The id of experiment ``name``: created when missing (racing drivers tolerated), restored when deleted."""
+    """The id of experiment ``name``: created when missing (racing drivers tolerated), restored when deleted, and
+    marked a model-training experiment unless its kind was set already."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return str(client.create_experiment(name, artifact_location=artifact_location))
+            return str(client.create_experiment(name, artifact_location=artifact_location,
+                                                tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}))
         except MlflowException:  # another driver created it in the meantime
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older harness or by hand
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
     return str(exp.experiment_id)
 
 
 def log_spec(client: Any, run_id: str, spec_dict: dict[str, Any]) -> None:
     """The trial's spec as the run's ``trial_spec.json`` artifact."""
     client.log_text(run_id, json.dumps(spec_dict, indent=1, default=str), "trial_spec.json")
+
+
+def log_files(client: Any, run_id: str, paths: Iterable[Path], limit: int = LOG_CHARS) -> None:
+    """Each existing text file of ``paths`` as an artifact of the run under its own name, credentials masked (a
+    worker log echoes exceptions, which may hold URLs); of a longer file, its last ``limit`` characters."""
+    for path in paths:
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            if len(text) > limit:
+                text = f"[the first {len(text) - limit} characters are left out; the whole file: {path}]\n" \
+                       + text[-limit:]
+            client.log_text(run_id, mask_credentials(text), path.name)
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

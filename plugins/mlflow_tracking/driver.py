@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import shutil
 import socket
 import tempfile
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from harness.errors import SpecError
 from harness.redact import mask_credentials
 from harness.storage import INTERRUPTED, create_sqlite_once
+from plugins.mlflow_tracking import ui
 from plugins.mlflow_tracking.client import (
     TAG_RUN_ID,
     TAG_SPEC_HASH,
@@ -30,6 +30,7 @@ from plugins.mlflow_tracking.client import (
     experiment_id,
     first_line,
     log_batch,
+    log_files,
     log_spec,
     make_client,
     now_ms,
@@ -39,6 +40,7 @@ from plugins.mlflow_tracking.client import (
     shown,
     warn,
 )
+from plugins.mlflow_tracking.describe import device_fingerprint, search_space, summary_params
 
 if TYPE_CHECKING:
     import optuna
@@ -51,69 +53,11 @@ if TYPE_CHECKING:
 STATUS = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
 #: the directories trial processes leave their step metrics in, one per driver (under the temp directory)
 STEPS_DIR_PREFIX = "harness-mlflow-steps-"
-
-
-# ============================================================================================ what a study is
-def describe_distribution(entry: tuple[str, Any]) -> str:
-    """``("fixed", 0.1)`` -> ``0.1``; an Optuna distribution -> ``float [0.001, 0.01] log`` / ``one of [a, b]``."""
-    kind, value = entry
-    if kind == "fixed":
-        return str(value)
-    choices = getattr(value, "choices", None)
-    if choices is not None:
-        return f"one of [{', '.join(map(str, choices))}]"
-    text = f"{'int' if type(value).__name__.startswith('Int') else 'float'} [{value.low}, {value.high}]"
-    if getattr(value, "log", False):
-        text += " log"
-    if getattr(value, "step", None) not in (None, 1):
-        text += f" step {value.step}"
-    return text
-
-
-def space_params(config: StudyConfig) -> dict[str, Any]:
-    """The study's search space as flat params: ``space.optimizer = sgd, adamw``,
-    ``space.optimizer.sgd.lr = float [0.03, 0.3] log``, ..."""
-    out: dict[str, Any] = {"workload": config.workload}
-    for key, entry in getattr(config, "workload_space", {}).items():
-        out[f"space.workload.{key}"] = describe_distribution(entry)
-    for axis, techniques in getattr(config, "axes", {}).items():
-        out[f"space.{axis}"] = ", ".join(techniques)
-        for tech, params in techniques.items():
-            for key, entry in params.items():
-                out[f"space.{axis}.{tech}.{key}"] = describe_distribution(entry)
-    out["space.batch_size"] = ", ".join(map(str, getattr(config, "batch_sizes", [])))
-    out["objectives"] = ", ".join(f"{o.metric} ({o.direction})" for o in config.objectives)
-    for c in getattr(config, "constraints", []):
-        out[f"constraint.{c.metric}"] = c.text
-    budget = getattr(config, "budget", None)
-    if budget is not None:
-        out["budget"] = ", ".join(f"{k}={v}" for k, v in vars(budget).items() if v not in (None, 0))
-    for key in ("sampler", "pruner", "n_trials", "device", "devices", "seed"):
-        if getattr(config, key, None) is not None:
-            out[key] = getattr(config, key)
-    return out
-
-
-def device_fingerprint() -> dict[str, str]:
-    """What the numbers were measured on: GPU name and count, driver, CUDA and torch versions, host."""
-    import torch
-
-    from harness.space import Environment
-
-    env = Environment.detect()
-    out = {"device.gpu_name": env.device_name if env.cuda else "none", "device.gpu_count": str(env.device_count),
-           "device.torch": torch.__version__, "device.cuda": str(torch.version.cuda or "none"),
-           "device.host": socket.gethostname(), "device.python": platform.python_version(),
-           "device.cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        out["device.driver"] = driver.decode() if isinstance(driver, bytes) else str(driver)
-    except Exception:  # no NVML (a CPU machine): the driver is simply not recorded
-        out["device.driver"] = "none"
-    return out
+#: the files of a trial's working directory logged as artifacts of its run
+TRIAL_FILES = ("worker.log", "result.json")
+#: throughput relative to the baseline's, logged for every trial that measured one
+SPEEDUP = "speedup_vs_baseline"
+THROUGHPUT = "throughput_samples_per_s"
 
 
 def _create_mlflow_schema(url: str) -> None:
@@ -170,7 +114,7 @@ def _parent_run(client: Any, experiment: str, config: StudyConfig) -> str:
     runs = [r for r in all_runs(client, experiment, "tags.`harness.role` = 'study'")
             if r.data.tags.get("harness.study") == config.name]
     fingerprint = device_fingerprint()
-    params = space_params(config)
+    params = summary_params(config)
     if runs:
         run = runs[0]
         client.update_run(run.info.run_id, status="RUNNING")
@@ -186,6 +130,7 @@ def _parent_run(client: Any, experiment: str, config: StudyConfig) -> str:
             **fingerprint}
     run = client.create_run(experiment, run_name=config.name, tags={k: shown(v) for k, v in tags.items()})
     log_batch(client, run.info.run_id, params=params.items())
+    client.log_text(run.info.run_id, json.dumps(search_space(config), indent=1, default=str), "space.json")
     return str(run.info.run_id)
 
 
@@ -204,12 +149,18 @@ class StudyRun:
     steps_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix=STEPS_DIR_PREFIX)))
     #: the tracking URI as shown in tags, messages and the worker's spec (credentials masked)
     shown_uri: str = ""
+    #: where the trials' working directories are (``trials/NNNN`` with ``worker.log`` and ``result.json``)
+    output_dir: Path | None = None
+    #: the study (its ``baseline`` user attribute holds the baseline's record once it has run)
+    study: optuna.Study | None = None
+    #: the baseline's run id, once it is logged (or found, on resume)
+    baseline_run_id: str | None = None
 
     def __post_init__(self) -> None:
         self.shown_uri = mask_credentials(self.uri)
 
     @classmethod
-    def open(cls, config: StudyConfig, settings: dict[str, str]) -> StudyRun:
+    def open(cls, config: StudyConfig, settings: dict[str, str], study: optuna.Study | None = None) -> StudyRun:
         """The experiment and parent run of ``config``'s study; SpecError when the tracking store is unusable."""
         uri = resolve_tracking_uri(settings.get("tracking_uri"))
         name = settings.get("experiment") or config.name
@@ -225,7 +176,9 @@ class StudyRun:
         except Exception as exc:  # unreachable server, bad URI: the user's to fix before trials run
             raise SpecError(mask_credentials(f"mlflow.tracking_uri: cannot use {uri!r}: {type(exc).__name__}: "
                                              f"{first_line(exc)}")) from None
-        return cls(client, uri, exp, parent, [(o.metric, o.key) for o in config.objectives])
+        output_dir = getattr(config, "output_dir", None)
+        return cls(client, uri, exp, parent, [(o.metric, o.key) for o in config.objectives],
+                   output_dir=Path(output_dir) if output_dir else None, study=study)
 
     def close_orphans(self, study: optuna.Study) -> None:
         """Close child runs left RUNNING by a driver that died: their trial finished in Optuna (it was failed as
@@ -297,7 +250,9 @@ class StudyRun:
         return {**tags, TAG_RUN_ID: run_id, TAG_STEPS_FILE: str(self.steps_dir / f"{run_id}.jsonl")}
 
     def finished(self, spec: TrialSpec, record: TrialRecord, study: optuna.Study) -> None:
-        """Log the trial's step and final metrics, objectives, intermediate values and tags; close its run."""
+        """Log the trial's step and final metrics, objectives, speed-up over the baseline, intermediate values,
+        tags, worker log and result file; close its run. The baseline's own run is logged first, once."""
+        self.log_baseline()
         try:
             run_id = spec.tags.get(TAG_RUN_ID) if spec.tags.get(TAG_URI) == self.shown_uri else None
             if run_id is None:  # never launched (infeasible, or a combination already run): a run all the same
@@ -308,6 +263,9 @@ class StudyRun:
             final = read_step_metrics(spec.tags.get(TAG_STEPS_FILE)) + numeric_metrics(metrics, ts, step)
             final += [(metric, value, ts, step) for metric, key in self.objectives
                       if metric != key and (value := numeric(metrics.get(key))) is not None]
+            speedup = self.speedup(metrics) if record.state == "COMPLETE" else None
+            if speedup is not None and SPEEDUP not in metrics:
+                final.append((SPEEDUP, speedup, ts, step))
             final += [("intermediate_value", value, ts, int(s))
                       for s, v in sorted(_intermediate_values(study, record.number).items())
                       if (value := numeric(v)) is not None]
@@ -319,11 +277,106 @@ class StudyRun:
             if record.constraint_violation is not None:
                 tags.append(("harness.constraint_violation", str(record.constraint_violation)))
             tags += [(k, v) for k, v in metrics.items() if k.startswith("condition.") and isinstance(v, str) and v]
+            tags += [(k, str(v).lower()) for k, v in metrics.items() if isinstance(v, bool)]  # flags such as noisy
             log_batch(self.client, run_id, metrics=final, tags=tags)
+            log_files(self.client, run_id, self.trial_files(record.number))
             interrupted = record.failure_class == INTERRUPTED
             self.client.set_terminated(run_id, status="KILLED" if interrupted else STATUS.get(record.state, "FAILED"))
         except Exception as exc:
             warn(mask_credentials(f"could not record trial #{record.number}: {type(exc).__name__}: {exc}"))
+
+    def trial_files(self, number: int) -> list[Path]:
+        """The worker log and result file of trial ``number`` (-1: the baseline) that the launcher left in its
+        working directory under the study's output directory."""
+        if self.output_dir is None:
+            return []
+        workdir = self.output_dir / "trials" / ("baseline" if number < 0 else f"{number:04d}")
+        return [workdir / name for name in TRIAL_FILES]
+
+    def baseline(self) -> TrialRecord | None:
+        """The baseline trial's record, once the driver has stored it on the study."""
+        from harness.outcomes import TrialRecord
+
+        data = self.study.user_attrs.get("baseline") if self.study is not None else None
+        return TrialRecord.from_dict(data) if data else None
+
+    def speedup(self, metrics: dict[str, Any]) -> float | None:
+        """The record's own ``speedup_vs_baseline``, else its throughput over the baseline's."""
+        if numeric(metrics.get(SPEEDUP)) is not None:
+            return numeric(metrics.get(SPEEDUP))
+        base = self.baseline()
+        theirs = numeric(base.metrics.get(THROUGHPUT)) if base is not None else None
+        ours = numeric(metrics.get(THROUGHPUT))
+        return ours / theirs if ours is not None and theirs else None
+
+    def log_baseline(self) -> None:
+        """The baseline trial as a child run tagged ``baseline=true`` (``harness.role = baseline``), once per study:
+        found again on resume, logged as soon as the driver has stored the baseline's record."""
+        if self.baseline_run_id is not None:
+            return
+        record = self.baseline()
+        if record is None:
+            return
+        try:
+            with _sqlite_lock(self.uri):  # drivers of one study must not log it twice
+                found = all_runs(self.client, self.experiment_id, f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
+                                 " and tags.`harness.role` = 'baseline'")
+                if found:
+                    self.baseline_run_id = str(found[0].info.run_id)
+                    return
+                tags = {"mlflow.parentRunId": self.parent_run_id, "harness.role": "baseline", "baseline": "true",
+                        "harness.study": getattr(self.study, "study_name", ""), "harness.trial_number": "-1",
+                        "harness.label": record.label, "harness.spec_hash": record.spec_hash,
+                        "harness.state": record.state, "harness.driver": _driver_id(),
+                        "harness.duration_s": f"{record.duration_s:.3f}"}
+                run = self.client.create_run(self.experiment_id, run_name=f"baseline {record.label}",
+                                             tags={k: shown(v) for k, v in tags.items()})
+                self.baseline_run_id = run_id = str(run.info.run_id)
+            ts, metrics = now_ms(), record.metrics
+            step = int(numeric(metrics.get("steps")) or 0)
+            final = numeric_metrics(metrics, ts, step)
+            if SPEEDUP not in metrics:
+                final.append((SPEEDUP, 1.0, ts, step))
+            final += [(metric, value, ts, step) for metric, key in self.objectives
+                      if metric != key and (value := numeric(metrics.get(key))) is not None]
+            log_batch(self.client, run_id, metrics=final, params=record.params.items(),
+                      tags=[(k, v) for k, v in metrics.items() if k.startswith("condition.") and isinstance(v, str)])
+            if record.spec:
+                log_spec(self.client, run_id, record.spec)
+            log_files(self.client, run_id, self.trial_files(-1))
+            self.client.set_terminated(run_id, status=STATUS.get(record.state, "FAILED"))
+        except Exception as exc:
+            warn(mask_credentials(f"could not record the baseline: {type(exc).__name__}: {exc}"))
+
+    def log_baseline_checks(self) -> None:
+        """The baseline's re-measurements during the study (the driver's ``baseline_checks``) as series on its run,
+        step = the launched trials before each: ``remeasured/throughput_samples_per_s`` and
+        ``remeasured/speedup_vs_baseline`` (against its first measurement), so drift shows as a chart."""
+        checks = self.study.user_attrs.get("baseline_checks", []) if self.study is not None else []
+        if self.baseline_run_id is None or not checks:
+            return
+        points = [(f"remeasured/{key}", value, int(float(check.get("time", 0)) * 1000), int(check["after_trials"]))
+                  for check in checks for key in (THROUGHPUT, SPEEDUP)
+                  if (value := numeric(check.get(key))) is not None and "after_trials" in check]
+        try:
+            log_batch(self.client, self.baseline_run_id, metrics=points)
+        except Exception as exc:
+            warn(mask_credentials(f"could not record the baseline's re-measurements: {type(exc).__name__}: {exc}"))
+
+    def save_views(self, objectives: Sequence[Objective]) -> None:
+        """Save the study's two views of the runs table in the experiment (the Pareto front, every trial) and print
+        the link that opens the first, with how to start the UI for a SQLite store."""
+        keys = {key for _, key in self.objectives}
+        extra = [SPEEDUP] if THROUGHPUT in keys else [SPEEDUP, THROUGHPUT]
+        study = getattr(self.study, "study_name", "") or "study"
+        views = ui.saved_views(study, self.parent_run_id, [(o.metric, o.direction) for o in objectives], extra,
+                               now_ms())
+        for key, value in views.items():
+            self.client.set_experiment_tag(self.experiment_id, key, value)
+        key = next(iter(views))
+        name = json.loads(views[key])["name"]
+        for line in ui.where_to_look(self.uri, self.experiment_id, key[len(ui.VIEW_TAG_PREFIX):], name):
+            print(line)
 
     def interrupted(self) -> None:
         """The driver was interrupted (Ctrl-C) and is stopping: the parent run is closed KILLED (a resumed study
@@ -337,9 +390,12 @@ class StudyRun:
 
     def end(self, records: Sequence[TrialRecord], pareto: Sequence[TrialRecord], objectives: Sequence[Objective],
             output_dir: Path) -> None:
-        """Mark the Pareto front on the child runs, attach the report's files and close the parent run."""
+        """Mark the Pareto front on the child runs, attach the report's files, close the parent run and print where
+        to look at the front in the MLflow UI."""
         from harness.report import write_trials_csv
 
+        self.log_baseline()  # a study whose trials were all run before (resumed): the baseline still gets its run
+        self.log_baseline_checks()
         try:
             front = {r.number for r in pareto}
             for run in all_runs(self.client, self.experiment_id, f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"):
@@ -359,6 +415,7 @@ class StudyRun:
                 ("trials_complete", counts["COMPLETE"], ts, 0), ("trials_failed", counts["FAIL"], ts, 0),
                 ("trials_pruned", counts["PRUNED"], ts, 0), ("pareto_size", len(front), ts, 0)])
             self.client.set_terminated(self.parent_run_id, status="FINISHED")
+            self.save_views(objectives)
         except Exception as exc:
             warn(mask_credentials(f"could not finish the study's run: {type(exc).__name__}: {exc}"))
         finally:
