@@ -231,6 +231,7 @@ class Trial:
         """Accuracy and mean loss on held-out data (sharded over ranks, then summed) of ``model`` (default: the
         trained model); observers see it through ``harness_trial_evaluated``."""
         wl, spec = self.workload, self.spec
+        t0 = time.perf_counter()
         model = model if model is not None else getattr(self.engine, "eval_model", self.engine.module)
         model.eval()
         limit = spec.budget.eval_samples
@@ -259,6 +260,8 @@ class Trial:
             correct, loss_sum, count = packed
         metrics = {"accuracy": float(correct / count), "val_loss": float(loss_sum / count),
                    "eval_samples": int(count)}
+        # float() above waited for the device: the evaluation's time is complete
+        self.metrics["eval_s"] = self.metrics.get("eval_s", 0.0) + time.perf_counter() - t0
         self._emit("eval", step=self.steps_done, metrics=metrics, train_time_s=self.train_seconds)
         self._hooks.trial_evaluated(trial=self, step=self.steps_done, metrics=metrics)
         target = spec.tags.get("target_accuracy")
