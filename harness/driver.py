@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import threading
 import time
 import warnings
@@ -45,7 +44,7 @@ from harness.sampling import (
     record_constraint,
     suggest_spec,
 )
-from harness.slots import SlotPool
+from harness.slots import SlotPool, cache_env
 from harness.space import Environment, infeasible_reason
 from harness.studyfile import StudyConfig
 
@@ -316,12 +315,8 @@ class StudyDriver(SlotLoop):
         return sorted({o.key for o in self.config.objectives} | {c.key for c in self.config.constraints})
 
     def compile_cache_env(self) -> dict[str, str]:
-        """torch.compile's caches (Inductor's FX graphs and AOTAutograd, Triton's kernels) in one directory of the
-        study, ``output_dir/compile-cache``, shared by its trials and kept across resumes; variables the user
-        set win."""
-        root = (self.output_dir / "compile-cache").resolve()
-        wanted = {"TORCHINDUCTOR_CACHE_DIR": root / "inductor", "TRITON_CACHE_DIR": root / "triton"}
-        return {k: str(v) for k, v in wanted.items() if k not in os.environ}
+        """The study's caches for its trial processes (:func:`harness.slots.cache_env`)."""
+        return cache_env(self.output_dir / "compile-cache")
 
     def _timeout_hint(self, status: str) -> str:
         if status != "timeout":

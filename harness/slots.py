@@ -16,6 +16,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from harness.errors import SpecError
 from harness.measure import CPU_THREADS_ENV
@@ -120,3 +121,27 @@ class SlotPool:
 
     def names(self, taken: Sequence[int]) -> str:
         return f"{self.kind} {','.join(map(str, taken))}"
+
+
+def cache_env(root: Path) -> dict[str, str]:
+    """What a study's trial processes share through ``root`` (``output_dir/compile-cache``), kept across resumes:
+    torch.compile's caches (Inductor's FX graphs and AOTAutograd, Triton's kernels) and, where the installed torch
+    carries no bytecode (an image built with PYTHONDONTWRITEBYTECODE, a read-only site-packages), Python's bytecode
+    cache: otherwise every trial compiles the sources of torch's lazily imported modules again (dynamo, sympy,
+    FSDP: 8-11 s per process on the H200 image, 3 s with the cache). Variables the user set win."""
+    root = root.resolve()
+    env = {k: str(v) for k, v in (("TORCHINDUCTOR_CACHE_DIR", root / "inductor"), ("TRITON_CACHE_DIR", root / "triton"))
+           if k not in os.environ}
+    if "PYTHONPYCACHEPREFIX" not in os.environ and not torch_bytecode_cached():
+        env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
+        env["PYTHONDONTWRITEBYTECODE"] = ""  # empty: Python writes bytecode (to the prefix, not site-packages)
+    return env
+
+
+def torch_bytecode_cached() -> bool:
+    """Whether torch's own package has its compiled bytecode next to its sources."""
+    import importlib.util
+
+    import torch
+
+    return Path(importlib.util.cache_from_source(torch.__file__)).exists()

@@ -181,3 +181,21 @@ def test_ctrl_c_stops_every_slots_trial_and_records_each_interrupted(tmp_path):
     for t in running:
         assert after[t.number].state == optuna.trial.TrialState.FAIL
         assert after[t.number].user_attrs["failure_class"] == INTERRUPTED
+
+
+def test_trial_processes_share_the_study_caches_and_bytecode_where_torch_has_none(tmp_path, monkeypatch):
+    import harness.slots as slots
+
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "PYTHONPYCACHEPREFIX"):
+        monkeypatch.delenv(var, raising=False)
+    root = tmp_path / "compile-cache"
+    monkeypatch.setattr(slots, "torch_bytecode_cached", lambda: True)
+    assert slots.cache_env(root) == {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+                                     "TRITON_CACHE_DIR": str(root / "triton")}
+    # an image whose torch carries no bytecode (PYTHONDONTWRITEBYTECODE): trials write and share it in the study
+    monkeypatch.setattr(slots, "torch_bytecode_cached", lambda: False)
+    env = slots.cache_env(root)
+    assert env["PYTHONPYCACHEPREFIX"] == str(root / "pycache") and env["PYTHONDONTWRITEBYTECODE"] == ""
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", "/mine")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/mine/triton")
+    assert slots.cache_env(root) == {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")}, "the user's variables win"
