@@ -58,6 +58,34 @@ class SlotLoop:
     def _status(self, current: str, refresh: bool = True) -> None:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ shared with the sequential loop
+    def _finished(self, t0: float, counts: dict[str, int]) -> bool:
+        """Whether this driver starts no more trials: n_trials finished in the storage, the timeout passed, or too
+        many proposals ruled out before launch (said in one line)."""
+        if self.n_trials is not None and counts["finished"] >= self.n_trials:
+            return True
+        if self.timeout_s is not None and time.monotonic() - t0 >= self.timeout_s:
+            return True
+        if self.ruled_out >= feasibility.ruled_out_limit(self.n_trials):
+            self.console.print(f"[red]stopping: the sampler proposed {self.ruled_out} combinations that were ruled "
+                               "out before launch (infeasible here or vetoed); widen the search space or remove "
+                               "the techniques named above[/red]")
+            return True
+        return False
+
+    def _others_cover(self, counts: dict[str, int]) -> bool:
+        """Every trial still needed is running (here or in other drivers) and none waits to be rerun."""
+        return (self.n_trials is not None and counts["finished"] + counts["running"] >= self.n_trials
+                and not counts["waiting"])
+
+    def _ask(self) -> optuna.Trial:
+        with warnings.catch_warnings():
+            # ask/tell with the driver's own heartbeat thread is how heartbeats work outside optimize()
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used",
+                                    category=UserWarning)
+            return self.study.ask()
+
+    # ------------------------------------------------------------------ concurrent trials
     def slot_pool(self) -> SlotPool:
         """One slot per GPU to use (``gpus``, else every visible one) on CUDA; ``cpu_slots`` on a CPU."""
         cfg = self.config
@@ -81,22 +109,12 @@ class SlotLoop:
                 storage.fail_stale(study)
                 c = storage.counts(study)
                 threads = [t for t in threads if t.is_alive()]
-                if self.n_trials is not None and c["finished"] >= self.n_trials:
+                if self._finished(t0, c):
                     break
-                if self.timeout_s is not None and time.monotonic() - t0 >= self.timeout_s:
-                    break
-                if self.ruled_out >= feasibility.ruled_out_limit(self.n_trials):
-                    self.console.print(f"[red]stopping: the sampler proposed {self.ruled_out} combinations that "
-                                       "were ruled out before launch[/red]")
-                    break
-                if (self.n_trials is not None and c["finished"] + c["running"] >= self.n_trials
-                        and not c["waiting"]) or not self.pool.wait_free(timeout=1.0):
+                if self._others_cover(c) or not self.pool.wait_free(timeout=1.0):
                     time.sleep(0.5)  # every trial still needed is running (here or in other drivers)
                     continue
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used",
-                                            category=UserWarning)
-                    trial = study.ask()
+                trial = self._ask()
                 if storage.give_way_if_surplus(study, trial, self.n_trials):
                     continue
                 spec = suggest_spec(trial, self.config, self.registry)

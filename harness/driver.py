@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +81,7 @@ class StudyDriver(SlotLoop):
         self.ruled_out = 0
         #: the host's slots (GPUs, or CPU slots), set by :meth:`open`; trials run concurrently when > 1.
         self.pool = SlotPool([0], "cpu")
+        self.cache_env: dict[str, str] = {}
         self._local = threading.local()  # .slots: the slots the current thread's trial holds
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # bookkeeping shared by the trial threads
@@ -118,6 +118,8 @@ class StudyDriver(SlotLoop):
         self.config, self.start_lines = feasibility.narrow_space(cfg, unavailable,
                                                                  feasibility.stored_choices(self._study))
         self.pool = self.slot_pool()
+        #: what every trial process shares through the study's directory (:func:`harness.slots.cache_env`)
+        self.cache_env = cache_env(self.output_dir / "compile-cache")
         if self.pool.size > 1 and (self.config.sampler == "tpe" or (self.config.sampler == "auto"
                                                                     and not self.config.multi_objective)):
             # concurrent trials: running ones count as their worst outcome so far, not as absent
@@ -188,27 +190,16 @@ class StudyDriver(SlotLoop):
             while True:
                 storage.fail_stale(study)
                 c = storage.counts(study)
-                if self.n_trials is not None and c["finished"] >= self.n_trials:
+                if self._finished(t0, c):
                     break
-                if self.timeout_s is not None and time.monotonic() - t0 >= self.timeout_s:
-                    break
-                if self.n_trials is not None and c["finished"] + c["running"] >= self.n_trials and not c["waiting"]:
+                if self._others_cover(c):
                     # the remaining trials run in other drivers; wait in case one of them dies
                     self._status("waiting for other drivers' trials")
                     time.sleep(min(2.0, cfg.heartbeat_s))
                     continue
-                with warnings.catch_warnings():
-                    # ask/tell with the driver's own heartbeat thread is how heartbeats work outside optimize()
-                    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used",
-                                            category=UserWarning)
-                    trial = study.ask()
+                trial = self._ask()
                 if not storage.give_way_if_surplus(study, trial, self.n_trials):
                     self._after(self.run_trial(trial))
-                if self.ruled_out >= feasibility.ruled_out_limit(self.n_trials):
-                    self.console.print(f"[red]stopping: the sampler proposed {self.ruled_out} combinations that "
-                                       "were ruled out before launch (infeasible here or vetoed); widen the "
-                                       "search space or remove the techniques named above[/red]")
-                    break
             self._status("done")
         return True
 
@@ -256,7 +247,6 @@ class StudyDriver(SlotLoop):
         if stored:
             return TrialRecord.from_dict(stored)
         spec = baseline_spec(self.config, self.registry)
-        spec.tags["wanted_metrics"] = self.wanted_metrics()
         record = TrialRecord(-1, "FAIL", params=spec.flat_params(), spec_hash=spec.spec_hash(), spec=spec.to_dict())
         reason = self.infeasible(spec)
         t0 = time.monotonic()
@@ -287,7 +277,6 @@ class StudyDriver(SlotLoop):
             return
         checks = list(self.study.user_attrs.get("baseline_checks", []))
         spec = baseline_spec(self.config, self.registry)
-        spec.tags["wanted_metrics"] = self.wanted_metrics()
         self._status(f"baseline again ({len(checks) + 1}): {spec.label()}")
         result = self._launch(spec, self.output_dir / "trials" / f"baseline-{len(checks) + 1}", None)
         if not result.ok:
@@ -310,14 +299,6 @@ class StudyDriver(SlotLoop):
                            f"{report.fmt(THROUGHPUT_KEY, result.metrics[THROUGHPUT_KEY])} samples/s, "
                            f"{ratio - 1:+.1%} against its first measurement ({verdict})")
 
-    def wanted_metrics(self) -> list[str]:
-        """The result keys the study's objectives and constraints read: a plugin may skip measuring others."""
-        return sorted({o.key for o in self.config.objectives} | {c.key for c in self.config.constraints})
-
-    def compile_cache_env(self) -> dict[str, str]:
-        """The study's caches for its trial processes (:func:`harness.slots.cache_env`)."""
-        return cache_env(self.output_dir / "compile-cache")
-
     def _timeout_hint(self, status: str) -> str:
         if status != "timeout":
             return ""
@@ -336,7 +317,6 @@ class StudyDriver(SlotLoop):
         slots = getattr(self._local, "slots", None)
         if slots is not None:
             spec.tags["slots"] = self.pool.names(slots)  # where it ran, in its record, trials.csv and MLflow
-        spec.tags["wanted_metrics"] = self.wanted_metrics()
         spec_hash = spec.spec_hash()
         for key, value in (("spec_hash", spec_hash), ("label", spec.label()), ("driver", storage.driver_id())):
             trial.set_user_attr(key, value)
@@ -469,7 +449,7 @@ class StudyDriver(SlotLoop):
 
         try:
             slots = getattr(self._local, "slots", None)
-            env = {**self.compile_cache_env(), **(self.pool.env(slots) if slots is not None else {})}
+            env = {**self.cache_env, **(self.pool.env(slots) if slots is not None else {})}
             return launch(spec, workdir, LaunchOptions(timeout_s=self.trial_timeout_s(), env=env),
                           on_event=on_event)
         except KeyboardInterrupt:

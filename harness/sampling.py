@@ -109,9 +109,16 @@ def _common(cfg: StudyConfig) -> TrialSpec:
     """A spec with the study's fields that no sampler chooses (techniques still unchosen)."""
     spec = TrialSpec(workload=cfg.workload, batch_size=cfg.batch_sizes[0], budget=copy.deepcopy(cfg.budget),
                      seed=cfg.seed, devices=cfg.devices, device=cfg.device)
+    _study_tags(cfg, spec)
+    return spec
+
+
+def _study_tags(cfg: StudyConfig, spec: TrialSpec) -> None:
+    """Tags every trial of the study carries: its target accuracy, and the result keys its objectives and
+    constraints read (``wanted_metrics``: a plugin may skip measuring what nobody asked for)."""
     if cfg.target_accuracy is not None:
         spec.tags["target_accuracy"] = cfg.target_accuracy
-    return spec
+    spec.tags["wanted_metrics"] = sorted({o.key for o in cfg.objectives} | {c.key for c in cfg.constraints})
 
 
 def suggest_spec(trial: optuna.Trial, cfg: StudyConfig, registry: Registry) -> TrialSpec:
@@ -141,8 +148,7 @@ def baseline_spec(cfg: StudyConfig, registry: Registry) -> TrialSpec:
             spec.budget = copy.deepcopy(cfg.budget)
         if "workload" not in cfg.baseline:
             spec.workload_params = _fixed_workload_params(cfg, registry)
-        if cfg.target_accuracy is not None:
-            spec.tags["target_accuracy"] = cfg.target_accuracy
+        _study_tags(cfg, spec)
         return spec
     spec = _common(cfg)
     spec.workload_params = _fixed_workload_params(cfg, registry)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+
+from harness.launch import free_port
 
 USER, PASSWORD = "harness", "s3cret-pw"
 
@@ -26,12 +26,6 @@ def server_bin() -> Path:
     if not found:
         raise RuntimeError("PostgreSQL server not installed: `apt-get install -y postgresql` (.ci/run does this)")
     return Path(found[-1]).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:
@@ -65,20 +59,8 @@ class PostgresServer:
                   "--auth=scram-sha-256", "-E", "UTF8", "--no-sync")
         opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c max_connections=200"
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "-t", "60",
-                  "start")
-        deadline = time.monotonic() + 60
-        while not self.ready():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"PostgreSQL did not start: {self.log.read_text()[-2000:]}")
-            time.sleep(0.3)
+                  "start")  # -w: returns once the server accepts connections
         return self
-
-    def ready(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-        except OSError:
-            return False
 
     def create_database(self, name: str) -> str:
         import psycopg2

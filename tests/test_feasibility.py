@@ -159,3 +159,16 @@ def test_the_baseline_is_measured_again_during_the_study(tmp_path):
         rec = t.user_attrs["record"]
         if rec["state"] == "COMPLETE":
             assert rec["metrics"]["speedup_vs_baseline"] > 0
+
+
+@pytest.mark.slow
+def test_an_uncompressed_trial_reports_its_model_size_when_the_study_asks_for_it(tmp_path):
+    path = study_file(tmp_path, "size", n_trials=1, objectives=[{"throughput": "max"}, {"model_size": "min"}],
+                      axes={"optimizer": adamw(lr=0.003)})
+    proc = run_cli(["study", path], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    (trial,) = load(tmp_path, "size").get_trials()
+    rec = trial.user_attrs["record"]
+    assert rec["state"] == "COMPLETE" and rec["params"]["compression"] == "none"
+    assert rec["spec"]["tags"]["wanted_metrics"] == ["model_size_bytes", "throughput_samples_per_s"]
+    assert rec["metrics"]["model_size_bytes"] > 0 and rec["values"][1] == rec["metrics"]["model_size_bytes"]
