@@ -7,7 +7,9 @@
 # (plugins._cifar.write_tiny_cifar: 20,000 + 2,000 class-coloured noise images; easy, so accuracy is ~1.0):
 # the GPU machines here have no network to fetch the real one.
 # SECONDS goes to `harness study --timeout` (no new trial starts after it). GPUS=0 (or 0,1) limits the GPU slots
-# the study uses (default: every visible GPU, one trial per GPU at a time); NTRIALS overrides n_trials. The MLflow plugin is off
+# the study uses (default: every visible GPU, one trial per GPU at a time); NTRIALS overrides n_trials; SAMPLER=random
+# runs a copy of the study file with Optuna's random sampler (for comparisons where TPE's choices should not differ
+# by how many trials run at once). The MLflow plugin is off
 # (HARNESS_DISABLE_PLUGINS=mlflow) so that the wall time is the study's own.
 set -uo pipefail
 study=$1 out=$2 seconds=$3
@@ -29,8 +31,13 @@ fi
 } > "$out/$study-conditions.txt" 2>&1
 export HARNESS_DISABLE_PLUGINS=mlflow PYTHONUNBUFFERED=1 COLUMNS=200
 start=$(date +%s)
-tag=$study${GPUS:+-gpus${GPUS//,/}}   # its own storage, outputs and compile cache per GPU set
-harness study "studies/$study-gpu.yaml" --timeout "$seconds" --storage "sqlite:///$out/$tag.db" \
+tag=$study${SAMPLER:+-$SAMPLER}${GPUS:+-gpus${GPUS//,/}}   # its own storage, outputs and compile cache per run
+file=studies/$study-gpu.yaml
+if [ -n "${SAMPLER:-}" ]; then
+  file=studies/.$study-$SAMPLER-gpu.yaml   # beside the original: its relative paths stay valid
+  sed -E "s/^sampler: .*/sampler: {name: $SAMPLER}/" "studies/$study-gpu.yaml" > "$file"
+fi
+harness study "$file" --timeout "$seconds" --storage "sqlite:///$out/$tag.db" \
   --output-dir "/tmp/harness-out/$tag" ${GPUS:+--gpus "$GPUS"} ${NTRIALS:+--n-trials "$NTRIALS"} 2>&1 | tee "$out/$tag.log"
 echo "study wall time: $(( $(date +%s) - start )) s" | tee -a "$out/$tag.log"
 cp "/tmp/harness-out/$tag/trials.csv" "$out/$tag-trials.csv" 2>/dev/null

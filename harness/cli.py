@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from harness.errors import SpecError, one_line, shown
-from harness.listing import plugin_listing, trial_settings
+from harness.listing import axis_listing, plugin_listing, trial_settings
 from harness.redact import mask_credentials
 from harness.studyfile import DEFAULT_STORAGE
 
@@ -354,6 +354,9 @@ def cmd_plugins(args: argparse.Namespace, registry: Registry) -> int:
         hooks = [h.removeprefix("harness_") for h in entry["hooks"]]
         table.add_row(entry["name"], dist, "\n".join(adds), ", ".join(hooks))
     console.print(table)
+    console.print("techniques by axis (the default first):")
+    for axis, names in axis_listing(registry):
+        console.print(f"  {axis}: {', '.join(names)}", highlight=False, markup=False)
     if broken:
         console.print(f"[red]{len(broken)} plugin(s) failed to load and are left out: {', '.join(broken)}[/red]")
     if check:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import SpecError, one_line, shown
-from harness.space import AXES, did_you_mean
+from harness.space import AXES, LATER_AXES, NO_TECHNIQUE, did_you_mean
 
 if TYPE_CHECKING:
     from harness.plugins import Registry
@@ -80,6 +80,8 @@ class TrialSpec:
     compile: Choice = field(default_factory=Choice)
     parallelism: Choice = field(default_factory=Choice)
     compression: Choice = field(default_factory=Choice)
+    data: Choice = field(default_factory=Choice)
+    memory: Choice = field(default_factory=Choice)
     batch_size: int = 64
     budget: Budget = field(default_factory=Budget)
     seed: int = 0
@@ -107,9 +109,14 @@ class TrialSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def spec_hash(self) -> str:
-        """A short hash of what determines the trial's outcome (tags excluded)."""
+        """A short hash of what determines the trial's outcome (tags excluded). An axis added later
+        (:data:`~harness.space.LATER_AXES`) that runs no technique is left out, so a spec hashes as it did before
+        the axis existed and a resumed older study still recognises the combinations it ran."""
         d = self.to_dict()
         d.pop("tags", None)
+        for axis in LATER_AXES:
+            if d[axis] == {"name": NO_TECHNIQUE, "params": {}}:
+                del d[axis]
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def flat_params(self) -> dict[str, Any]:
@@ -128,8 +135,7 @@ class TrialSpec:
 
 
 # --------------------------------------------------------------------------------------------- loading
-TRIAL_KEYS = ("workload", "optimizer", "precision", "compile", "parallelism", "compression", "batch_size",
-              "budget", "seed", "devices", "device")
+TRIAL_KEYS = ("workload", *AXES, "batch_size", "budget", "seed", "devices", "device")
 BUDGET_KEYS = tuple(f.name for f in dataclasses.fields(Budget))
 DEVICES = ("auto", "cuda", "cpu")
 

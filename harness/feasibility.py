@@ -130,12 +130,13 @@ def vetoes(records: Iterable[TrialRecord], registry: Registry) -> dict[tuple[tup
         if r.state == "FAIL" and r.failure_class in VETO_CLASSES and r.duplicate_of is None and r.number >= 0:
             groups[failure_signature(r)].append(r)
     defaults = {axis: registry.default_technique(axis).name for axis in AXES}
-    completed = [{(a, str(r.params.get(a))) for a in AXES} for r in records if r.state == "COMPLETE"]
+    # an axis a record does not name ran its default (a record made before the axis existed)
+    completed = [{(a, str(r.params.get(a, defaults[a]))) for a in AXES} for r in records if r.state == "COMPLETE"]
     out: dict[tuple[tuple[str, str], ...], str] = {}
     for group in groups.values():
         if len(group) < VETO_AFTER:
             continue
-        chosen = [{(a, str(r.params.get(a))) for a in AXES} for r in group]
+        chosen = [{(a, str(r.params.get(a, defaults[a]))) for a in AXES} for r in group]
         common = {(a, n) for a, n in set.intersection(*chosen) if n != defaults[a]}
         if not common or any(common <= done for done in completed):
             continue

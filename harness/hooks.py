@@ -98,6 +98,12 @@ class Hooks:
             "harness_compress_before_training", spec, model=model, workload=workload, device=device)
         return compressed
 
+    def reduce_memory(self, model: torch.nn.Module, workload: Workload, spec: TrialSpec,
+                      device: torch.device) -> torch.nn.Module | None:
+        reduced: torch.nn.Module | None = self._technique("harness_reduce_memory", spec, model=model,
+                                                          workload=workload, device=device)
+        return reduced
+
     def setup_precision(self, model: torch.nn.Module, spec: TrialSpec, device: torch.device) -> Precision | None:
         precision: Precision | None = self._technique("harness_setup_precision", spec, model=model, device=device)
         return precision
@@ -125,6 +131,12 @@ class Hooks:
         loss: hookspecs.LossFn | None = self._technique("harness_build_loss", spec, model=model, workload=workload,
                                                         device=device)
         return loss
+
+    def build_data_transform(self, workload: Workload, spec: TrialSpec,
+                             device: torch.device) -> hookspecs.DataTransform | None:
+        transform: hookspecs.DataTransform | None = self._technique("harness_build_data_transform", spec,
+                                                                    workload=workload, device=device)
+        return transform
 
     def compile_step(self, step: TrainStep, spec: TrialSpec, device: torch.device) -> Callable[..., Any] | None:
         compiled: Callable[..., Any] | None = self._technique("harness_compile_step", spec, step=step, device=device)

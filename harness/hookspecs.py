@@ -6,11 +6,9 @@ Implement hooks with ``@harness.hookimpl`` in a module (or a class, made once pe
 Which plugins are called (dispatch by declaration; no implementation checks ``spec.<axis>.name`` itself):
 
 - **declarations** (``harness_declare_*``): every plugin, once, when plugins load.
-- **technique hooks** (marked ``axis``, *firstresult*): only the plugin that declared the technique the trial
-  selected on that axis (a plugin declaring ``adamw`` builds the optimizer only in ``adamw`` trials).
-- **trial hooks**: the plugins *taking part* in the trial: those that declared one of its techniques (any
-  axis) or its workload, and the observer plugins that declare neither (trackers, telemetry), which see
-  every trial.
+- **technique hooks** (marked ``axis``, *firstresult*): only the plugin that declared the trial's technique there.
+- **trial hooks**: the plugins *taking part* in the trial: those that declared one of its techniques or its
+  workload, and the observer plugins that declare neither (trackers, telemetry), which see every trial.
 - **study hooks**: every plugin.
 
 The lifecycle, written once (``docs/architecture.md`` quotes this block; a test holds the two equal)::
@@ -35,15 +33,17 @@ The lifecycle, written once (``docs/architecture.md`` quotes this block; a test 
       harness_check_combination(spec, env, workload_kinds)
       workload = the declared builder of spec.workload
       model = harness_compress_before_training(model, workload, spec, device)   # compression axis
+      model = harness_reduce_memory(model, workload, spec, device)              # memory axis
       precision = harness_setup_precision(model, spec, device)                  # precision axis
       optimizer = harness_build_optimizer(params, spec, device)                 # optimizer axis
       engine = harness_build_engine(model, optimizer, precision, spec, device, dist)   # parallelism axis
       scheduler = harness_build_lr_scheduler(optimizer, spec, total_steps)      # optimizer axis
       loss = harness_build_loss(model, workload, spec, device)                  # compression axis
+      transform = harness_build_data_transform(workload, spec, device)          # data axis
       step = harness_compile_step(step, spec, device)                           # compile axis
       harness_trial_start(trial)
-      train: at every timing window (never per step)
-          metrics += harness_measure_window(trial, step, phase)
+      train, each training batch through transform(inputs, targets) outside the step; at every timing window:
+          metrics += harness_measure_window(trial, step, phase)                 # never per step
           harness_trial_window(trial, step, metrics)
         at every intermediate evaluation: harness_trial_evaluated(trial, step, metrics)
       evaluate the trained model: harness_trial_evaluated(trial, step, metrics)
@@ -73,19 +73,21 @@ if TYPE_CHECKING:
     from harness.step import DistInfo, Engine, Precision, TrainStep
     from harness.studyfile import StudyConfig
     from harness.trial import Trial, TrialResult
-    from harness.workload import Workload, WorkloadInfo
+    from harness.workload import Targets, Workload, WorkloadInfo
 
 hookspec = pluggy.HookspecMarker("harness")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-#: ``loss(outputs, targets, inputs) -> scalar tensor``, what ``harness_build_loss`` returns.
-LossFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+#: ``loss(outputs, targets, inputs) -> scalar tensor``, what ``harness_build_loss`` returns; ``targets`` are a
+#: tensor or :class:`harness.workload.SoftTargets`.
+LossFn = Callable[["torch.Tensor", "Targets", "torch.Tensor"], "torch.Tensor"]
+#: ``transform(inputs, targets) -> (inputs, targets)``, what ``harness_build_data_transform`` returns.
+DataTransform = Callable[["torch.Tensor", "Targets"], tuple["torch.Tensor", "Targets"]]
 
 
 def technique_hook(axis: str) -> Callable[[_F], _F]:
-    """Mark a hook as belonging to ``axis``: it is called only on the plugin that declared the trial's selected
-    technique on that axis, and the first non-None result wins."""
+    """Mark a hook as ``axis``'s: called only on the plugin of the trial's technique there; first non-None wins."""
     def mark(func: _F) -> _F:
         func.harness_axis = axis  # type: ignore[attr-defined]
         return hookspec(firstresult=True)(func)
@@ -109,14 +111,11 @@ DECLARATION_HOOKS = ("harness_declare_techniques", "harness_declare_workloads", 
 def harness_declare_techniques() -> list[Technique]:
     """Declare the techniques this plugin provides.
 
-    Called once on every plugin when the plugin manager loads plugins, in the study driver and in every worker.
-    A technique declared with ``default=True`` is its axis's default (what a trial or study that leaves the axis
-    out runs); the plugin that declares it cannot be disabled.
+    Called once on every plugin when plugins load, in the driver and in every worker. A technique declared
+    ``default=True`` is what a trial that leaves its axis out runs; its plugin cannot be disabled.
 
-    :returns: a list of :class:`harness.space.Technique`: axis, name, search space (``Float``/``Int``/
-        ``Categorical``), requirements (CUDA, compute capability, process count, packages, workload kinds),
-        incompatibilities (``"axis:name"``) and ``default``. A technique name is unique per axis across all
-        plugins; a second declaration of it is an error that disables the second plugin.
+    :returns: a list of :class:`harness.space.Technique` (axis, name, search space, requirements,
+        incompatibilities ``"axis:name"``, ``default``); a name is unique per axis (a second one is an error).
     """
     raise NotImplementedError
 
@@ -125,8 +124,7 @@ def harness_declare_techniques() -> list[Technique]:
 def harness_declare_workloads() -> list[WorkloadInfo]:
     """Declare the workloads this plugin provides.
 
-    Called once on every plugin when plugins load. The harness builds a trial's workload by calling the
-    declared ``build(device=..., seed=..., **params)`` of the workload the trial names.
+    Called once on every plugin when plugins load. A trial's workload is ``build(device=..., seed=..., **params)``.
 
     :returns: a list of :class:`harness.workload.WorkloadInfo` (name, parameters, kinds, builder, ``default``).
     """
@@ -135,10 +133,8 @@ def harness_declare_workloads() -> list[WorkloadInfo]:
 
 @hookspec
 def harness_declare_metrics() -> list[Metric]:
-    """Declare the metrics this plugin adds to trial results, so study files can name them as objectives or
-    constraints (the core's own are in :data:`harness.measure.CORE_METRICS`).
-
-    Called once on every plugin when plugins load.
+    """Declare the metrics this plugin adds to trial results (objectives or constraints in study files). Called
+    once on every plugin when plugins load.
 
     :returns: a list of :class:`harness.measure.Metric` (study-file name, result key, unit, direction).
     """
@@ -147,10 +143,8 @@ def harness_declare_metrics() -> list[Metric]:
 
 @hookspec
 def harness_declare_study_settings() -> list[Setting]:
-    """Declare a top-level section of study files that this plugin reads (``mlflow:`` for the tracker).
-
-    Called once on every plugin when plugins load. The study-file parser accepts the section only when a
-    loaded plugin declares it and runs the declared ``validate`` on its value before any storage is opened.
+    """Declare a top-level section of study files that this plugin reads (``mlflow:`` for the tracker). Called
+    once on every plugin when plugins load; the parser runs ``validate`` before any storage is opened.
 
     :returns: a list of :class:`harness.config.Setting` (key, validate, help).
     """
@@ -162,14 +156,13 @@ def harness_declare_study_settings() -> list[Setting]:
 def harness_check_combination(spec: TrialSpec, env: Environment, workload_kinds: tuple[str, ...]) -> str | None:
     """Veto a combination that declarations cannot express, *before* anything is launched.
 
-    Called on the plugins taking part in the trial, for every candidate trial after the declared requirements
-    and incompatibilities passed: in the driver before launch, and first thing in the worker.
+    Called on the plugins taking part in the trial once its declared requirements passed: in the driver before
+    launch, and first thing in the worker.
 
     :param spec: the :class:`harness.config.TrialSpec` of the candidate trial.
     :param env: the :class:`harness.space.Environment` (CUDA, device count, compute capability).
     :param workload_kinds: the kinds of ``spec.workload`` (e.g. ``("conv", "image")``).
-    :returns: a one-sentence reason the trial is infeasible, or None. Every implementation is called; the
-        first reason is reported.
+    :returns: a one-sentence reason the trial is infeasible, or None (every implementation is called).
     """
     raise NotImplementedError
 
@@ -178,11 +171,9 @@ def harness_check_combination(spec: TrialSpec, env: Environment, workload_kinds:
 @technique_hook("compression")
 def harness_compress_before_training(model: torch.nn.Module, workload: Workload, spec: TrialSpec,
                                      device: torch.device) -> torch.nn.Module | None:
-    """Compress the model before training (pruning at initialisation, fake-quant insertion for QAT, or
-    replacing it by a distillation student).
+    """Compress the model before training (pruning at initialisation, QAT fake-quant, a distillation student).
 
-    Called after the workload is built, before precision setup, on the plugin of the trial's compression
-    technique.
+    Called after the workload is built on the plugin of the trial's compression technique.
 
     :param model: the workload's model, on ``device``.
     :param workload: the built :class:`harness.workload.Workload`.
@@ -193,19 +184,34 @@ def harness_compress_before_training(model: torch.nn.Module, workload: Workload,
     raise NotImplementedError
 
 
+@technique_hook("memory")
+def harness_reduce_memory(model: torch.nn.Module, workload: Workload, spec: TrialSpec,
+                          device: torch.device) -> torch.nn.Module | None:
+    """Make training the model take less device memory (activation checkpointing).
+
+    Called once per trial on the plugin of the trial's memory technique, after compression-before-training and
+    before precision, optimizer, engine (which may shard it) and compilation. Parameter *names* must not change.
+
+    :param model: the model to train, on ``device``.
+    :param workload: the built :class:`harness.workload.Workload`.
+    :param spec: the TrialSpec; ``spec.memory.params`` holds the sampled values.
+    :param device: the ``torch.device`` the trial runs on.
+    :returns: the model to train (``model`` changed in place, or a replacement), or None to keep ``model``.
+    """
+    raise NotImplementedError
+
+
 @technique_hook("precision")
 def harness_setup_precision(model: torch.nn.Module, spec: TrialSpec, device: torch.device) -> Precision:
     """Set up the trial's numeric precision.
 
-    Called after compression-before-training and before the optimizer is built, on the plugin of the trial's
-    precision technique, so a precision that converts the model (fp8 layers) does so before the optimizer
-    sees the parameters.
+    Called before the optimizer is built, on the plugin of the trial's precision technique (a precision that
+    converts the model, to fp8 layers, does so before the optimizer sees the parameters).
 
     :param model: the model to train, on ``device``.
     :param spec: the TrialSpec; ``spec.precision.params`` holds the sampled values.
     :param device: the ``torch.device`` the trial runs on.
-    :returns: a :class:`harness.step.Precision` (autocast factory, gradient scaler, compute dtype, and a
-        replacement model when the precision converts it).
+    :returns: a :class:`harness.step.Precision` (autocast, gradient scaler, compute dtype, converted model).
     """
     raise NotImplementedError
 
@@ -215,8 +221,7 @@ def harness_build_optimizer(params: list[torch.nn.Parameter], spec: TrialSpec,
                             device: torch.device) -> torch.optim.Optimizer:
     """Return the optimizer for the trial's optimizer technique.
 
-    Called once per trial, after precision setup and before the parallelism engine is built, on the plugin of
-    the trial's optimizer technique.
+    Called once per trial, after precision setup, on the plugin of the trial's optimizer technique.
 
     :param params: the parameters to optimise (the model's parameters that require gradients).
     :param spec: the TrialSpec; ``spec.optimizer.params`` holds the sampled values.
@@ -235,8 +240,7 @@ def harness_build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimize
     trial's parallelism technique. The process group is already initialised when ``dist.world > 1``.
 
     :param model: the model to train (possibly converted by the precision), on ``device``.
-    :param optimizer: the optimizer built by the optimizer technique; an engine may rebuild it over sharded
-        parameters (expose the one it steps as :attr:`harness.step.Engine.schedule_optimizer`).
+    :param optimizer: the optimizer axis's optimizer; an engine may rebuild it (``Engine.schedule_optimizer``).
     :param precision: the :class:`harness.step.Precision` set up by the precision technique.
     :param spec: the TrialSpec; ``spec.parallelism.params`` holds the sampled values.
     :param device: the ``torch.device`` of this rank.
@@ -253,8 +257,7 @@ def harness_build_lr_scheduler(optimizer: torch.optim.Optimizer, spec: TrialSpec
 
     Called right after :func:`harness_build_engine`, on the plugin of the trial's optimizer technique.
 
-    :param optimizer: the torch optimizer the engine steps (:attr:`harness.step.Engine.schedule_optimizer`:
-        the optimizer axis's own, or the one a parallelism engine rebuilt or substituted for it).
+    :param optimizer: the torch optimizer the engine steps (:attr:`harness.step.Engine.schedule_optimizer`).
     :param spec: the TrialSpec; ``spec.optimizer.params`` holds the sampled values.
     :param total_steps: the trial's planned number of optimizer steps (0 for a seconds budget).
     :returns: a ``torch.optim.lr_scheduler.LRScheduler``, or None.
@@ -267,14 +270,31 @@ def harness_build_loss(model: torch.nn.Module, workload: Workload, spec: TrialSp
                        device: torch.device) -> LossFn | None:
     """Return the training loss, or None for the workload's own loss.
 
-    Called once after the engine is built (not per step), on the plugin of the trial's compression technique.
-    Knowledge distillation returns a loss that also runs the teacher on ``inputs``.
+    Called once after the engine is built, on the plugin of the trial's compression technique (distillation's
+    loss also runs the teacher on ``inputs``).
 
     :param model: the model the engine trains (wrapped by the engine where it wraps it).
     :param workload: the built :class:`harness.workload.Workload`.
     :param spec: the TrialSpec; ``spec.compression.params`` holds the sampled values.
     :param device: the ``torch.device`` of this rank.
-    :returns: ``loss(outputs, targets, inputs) -> scalar tensor``, or None.
+    :returns: ``loss(outputs, targets, inputs) -> scalar tensor`` (targets may be soft), or None.
+    """
+    raise NotImplementedError
+
+
+@technique_hook("data")
+def harness_build_data_transform(workload: Workload, spec: TrialSpec, device: torch.device) -> DataTransform | None:
+    """Return the transform of every training batch (Mixup, CutMix, label smoothing).
+
+    Called once per trial on the plugin of the trial's data technique, after the loss is built and before the step
+    is compiled. The runner applies it to each training batch outside the train step (compilation and CUDA-graph
+    capture see plain tensors of fixed shapes); evaluation batches are never transformed. Soft targets are a
+    :class:`harness.workload.SoftTargets`, which the workload's loss must accept (the default loss does).
+
+    :param workload: the built :class:`harness.workload.Workload`.
+    :param spec: the TrialSpec; ``spec.data.params`` holds the sampled values.
+    :param device: the ``torch.device`` of this rank (where batches are).
+    :returns: ``transform(inputs, targets) -> (inputs, targets)``, or None for no transform.
     """
     raise NotImplementedError
 
@@ -283,10 +303,9 @@ def harness_build_loss(model: torch.nn.Module, workload: Workload, spec: TrialSp
 def harness_compile_step(step: TrainStep, spec: TrialSpec, device: torch.device) -> Callable[..., Any] | None:
     """Apply the trial's compile technique to the assembled train step.
 
-    Called once, after the engine and loss exist and before training starts, on the plugin of the trial's
-    compile technique. An implementation may change the step's model (``step.engine.model``), add an input
-    transform, or return a new callable ``(inputs, targets) -> loss`` that replaces it (a captured CUDA graph).
-    The first call of the returned step may compile; the runner times it as ``compile_s``.
+    Called once, before training starts, on the plugin of the trial's compile technique. It may change the
+    step's model or input transform, or return a callable ``(inputs, targets) -> loss`` replacing the step (a
+    captured CUDA graph). The first call of the returned step may compile; the runner times it as ``compile_s``.
 
     :param step: the :class:`harness.step.TrainStep` (engine, loss, precision, input transform).
     :param spec: the TrialSpec; ``spec.compile.params`` holds the sampled values.
@@ -301,13 +320,11 @@ def harness_compress_after_training(model: torch.nn.Module, trainer: Trial, work
                                     device: torch.device) -> torch.nn.Module | None:
     """Compress after training: post-training quantisation, or pruning followed by fine-tuning.
 
-    Called after the final evaluation of the trained model, on the plugin of the trial's compression technique.
-    When a model is returned it is evaluated again and the first evaluation is reported as
-    ``accuracy_uncompressed``.
+    Called after the final evaluation, on the plugin of the trial's compression technique. A returned model is
+    evaluated again; the first evaluation is reported as ``accuracy_uncompressed``.
 
     :param model: the trained model (unwrapped from the engine).
-    :param trainer: the running :class:`harness.trial.Trial`; ``trainer.train(steps)`` runs more optimizer
-        steps of the same train step (fine-tuning).
+    :param trainer: the running :class:`harness.trial.Trial`; ``trainer.train(steps)`` fine-tunes.
     :param workload: the built :class:`harness.workload.Workload`.
     :param spec: the TrialSpec; ``spec.compression.params`` holds the sampled values.
     :param device: the ``torch.device`` of this rank.
@@ -320,9 +337,8 @@ def harness_compress_after_training(model: torch.nn.Module, trainer: Trial, work
 @hookspec
 def harness_measure_model(model: torch.nn.Module, workload: Workload, spec: TrialSpec,
                           device: torch.device) -> dict[str, float] | None:
-    """Add measurements of the final model (serialised size, non-zero parameters, inference latency...).
-
-    Called on the plugins taking part in the trial, after compression-after-training, on rank 0 only.
+    """Add measurements of the final model (serialised size, inference latency...). Called on the plugins taking
+    part in the trial, after compression-after-training, on rank 0 only.
 
     :param model: the final model: the compressed one when compression returned one, else the trained one.
     :param workload: the built :class:`harness.workload.Workload`.
@@ -350,10 +366,8 @@ def harness_measure_window(trial: Trial, step: int, phase: str) -> dict[str, flo
 
 @hookspec
 def harness_measure_trial(trial: Trial, status: str) -> dict[str, float] | None:
-    """Add whole-trial measurements (energy per sample over the timed windows...).
-
-    Called on the plugins taking part in the trial, on rank 0, after every other measurement and before
-    :func:`harness_trial_end`; also for a failed trial.
+    """Add whole-trial measurements (energy per sample...). Called on the plugins taking part in the trial, on
+    rank 0, before :func:`harness_trial_end`, for failed trials too.
 
     :param trial: the finished :class:`harness.trial.Trial` (``trial.metrics`` holds the core's metrics).
     :param status: ``ok`` or the failure class.
@@ -365,12 +379,10 @@ def harness_measure_trial(trial: Trial, status: str) -> dict[str, float] | None:
 # ============================================================================ observers (worker, trial hooks)
 @hookspec
 def harness_trial_start(trial: Trial) -> None:
-    """A trial's training is about to start.
+    """A trial's training is about to start. Called on the plugins taking part in the trial, on every rank, after
+    the train step is compiled.
 
-    Called on the plugins taking part in the trial, on every rank, after the train step is compiled.
-
-    :param trial: the running :class:`harness.trial.Trial` (``spec``, ``model``, ``optimizer``, ``workload``,
-        ``device``, ``dist``, ``conditions``).
+    :param trial: the running :class:`harness.trial.Trial` (``spec``, ``model``, ``workload``, ``device``...).
     :returns: nothing (the return value is ignored).
     """
     raise NotImplementedError
@@ -378,14 +390,13 @@ def harness_trial_start(trial: Trial) -> None:
 
 @hookspec
 def harness_trial_window(trial: Trial, step: int, metrics: Mapping[str, Any]) -> None:
-    """A timing window ended.
-
-    Called on the plugins taking part in the trial, on every rank, at window boundaries only (never per step).
+    """A timing window ended. Called on the plugins taking part in the trial, on every rank, at window boundaries
+    only (never per step).
 
     :param trial: the running :class:`harness.trial.Trial`.
     :param step: the number of optimizer steps done.
-    :param metrics: ``train_loss``, ``throughput_samples_per_s`` (windowed, timed windows only), ``lr``,
-        ``phase`` (``warmup`` or ``timed``) and what :func:`harness_measure_window` added. Read-only.
+    :param metrics: ``train_loss``, ``throughput_samples_per_s`` (timed windows), ``lr``, ``phase``, and what
+        :func:`harness_measure_window` added. Read-only.
     :returns: nothing (the return value is ignored).
     """
     raise NotImplementedError
@@ -393,9 +404,8 @@ def harness_trial_window(trial: Trial, step: int, metrics: Mapping[str, Any]) ->
 
 @hookspec
 def harness_trial_evaluated(trial: Trial, step: int, metrics: Mapping[str, Any]) -> None:
-    """Held-out evaluation finished (intermediate or final).
-
-    Called on the plugins taking part in the trial, on every rank, after every evaluation.
+    """Held-out evaluation finished (intermediate or final). Called on the plugins taking part in the trial, on
+    every rank, after every evaluation.
 
     :param trial: the running :class:`harness.trial.Trial`.
     :param step: the number of optimizer steps done.
@@ -407,14 +417,11 @@ def harness_trial_evaluated(trial: Trial, step: int, metrics: Mapping[str, Any])
 
 @hookspec
 def harness_trial_end(trial: Trial, result: TrialResult) -> None:
-    """The trial finished.
-
-    Called on the plugins taking part in the trial, in the worker, on rank 0, after
+    """The trial finished. Called on the plugins taking part in the trial, in the worker, on rank 0, after
     :func:`harness_measure_trial`.
 
     :param trial: the finished :class:`harness.trial.Trial`.
-    :param result: the :class:`harness.trial.TrialResult` (``status`` is ``ok`` or a failure class; its
-        ``metrics`` are final). Read-only.
+    :param result: the :class:`harness.trial.TrialResult` (``status``: ``ok`` or a failure class). Read-only.
     :returns: nothing (the return value is ignored).
     """
     raise NotImplementedError
@@ -423,13 +430,11 @@ def harness_trial_end(trial: Trial, result: TrialResult) -> None:
 # ============================================================================ study driver
 @hookspec
 def harness_study_start(study: optuna.Study, config: StudyConfig) -> None:
-    """A study is starting (or resuming) in this driver process.
-
-    Called on every plugin, once per ``harness study``, after the storage is open and before the first trial.
+    """A study is starting (or resuming) in this driver process. Called on every plugin, once per ``harness
+    study``, after the storage is open and before the first trial.
 
     :param study: the ``optuna.Study``.
-    :param config: the :class:`harness.studyfile.StudyConfig`; ``config.settings`` holds the validated
-        plugin sections (:func:`harness_declare_study_settings`).
+    :param config: the :class:`harness.studyfile.StudyConfig`; ``config.settings``: the plugins' sections.
     :returns: nothing (the return value is ignored).
     """
     raise NotImplementedError
@@ -439,14 +444,12 @@ def harness_study_start(study: optuna.Study, config: StudyConfig) -> None:
 def harness_trial_launch(spec: TrialSpec, trial_number: int, study: optuna.Study) -> dict[str, Any] | None:
     """A trial is about to be launched by the driver.
 
-    Called on the plugins taking part in the trial, in the driver, after the feasibility check and before the
-    worker starts.
+    Called on the plugins taking part in the trial, in the driver, after the feasibility check.
 
     :param spec: the TrialSpec about to run.
     :param trial_number: the Optuna trial number.
     :param study: the ``optuna.Study``.
-    :returns: tags (JSON-able) merged into ``spec.tags``, which the worker's observers read (e.g. a tracking
-        run id); or None.
+    :returns: tags (JSON-able, e.g. a tracking run id) merged into ``spec.tags`` for the worker; or None.
     """
     raise NotImplementedError
 
@@ -455,13 +458,11 @@ def harness_trial_launch(spec: TrialSpec, trial_number: int, study: optuna.Study
 def harness_trial_finished(spec: TrialSpec, record: TrialRecord, study: optuna.Study) -> None:
     """The driver has told Optuna a trial's outcome.
 
-    Called on the plugins taking part in the trial, in the driver, for every trial including infeasible ones
-    and reused duplicates; on Ctrl-C during a trial, with ``record.failure_class == "interrupted"`` (the trial
-    runs again on resume), and :func:`harness_study_interrupted` follows.
+    Called on the plugins taking part in the trial, in the driver, for every trial (infeasible and reused ones
+    too; on Ctrl-C with ``record.failure_class == "interrupted"``, before :func:`harness_study_interrupted`).
 
     :param spec: the trial's TrialSpec (with the tags of :func:`harness_trial_launch`).
-    :param record: the :class:`harness.outcomes.TrialRecord` (number, state, failure class and message,
-        metrics, objective values).
+    :param record: the :class:`harness.outcomes.TrialRecord` (state, failure class, metrics, values).
     :param study: the ``optuna.Study``.
     :returns: nothing (the return value is ignored).
     """
@@ -471,9 +472,8 @@ def harness_trial_finished(spec: TrialSpec, record: TrialRecord, study: optuna.S
 @hookspec
 def harness_study_end(study: optuna.Study, config: StudyConfig, records: list[TrialRecord],
                       pareto: list[TrialRecord], output_dir: Path) -> None:
-    """The study's optimisation loop ended in this driver.
-
-    Called on every plugin, once, after the report was printed and written.
+    """The study's optimisation loop ended in this driver. Called on every plugin, once, after the report was
+    printed and written.
 
     :param study: the ``optuna.Study``.
     :param config: the :class:`harness.studyfile.StudyConfig`.
@@ -489,8 +489,8 @@ def harness_study_end(study: optuna.Study, config: StudyConfig, records: list[Tr
 def harness_study_interrupted(study: optuna.Study, config: StudyConfig) -> None:
     """The driver is stopping on Ctrl-C: close what the study holds open (a tracker's study run, as killed).
 
-    Called on every plugin, once, instead of :func:`harness_study_end`, wherever the interrupt came (a trial, the
-    baseline, a wait), after a running trial was reported to :func:`harness_trial_finished` as ``interrupted``.
+    Called on every plugin, once, instead of :func:`harness_study_end`, wherever the interrupt came, after a
+    running trial was reported to :func:`harness_trial_finished` as ``interrupted``.
 
     :param study: the ``optuna.Study``.
     :param config: the :class:`harness.studyfile.StudyConfig`.

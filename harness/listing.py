@@ -52,6 +52,18 @@ def plugin_listing(registry: Registry) -> list[dict[str, Any]]:
     return out
 
 
+def axis_listing(registry: Registry) -> list[tuple[str, list[str]]]:
+    """Every axis, in :data:`harness.space.AXES` order, with its techniques' names (the default first)."""
+    out = []
+    for axis in AXES:
+        default = registry.default_technique(axis, required=False)
+        names = registry.names(axis)
+        if default is not None:
+            names = [default.name] + [n for n in names if n != default.name]
+        out.append((axis, names))
+    return out
+
+
 def _values(params: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from harness.space import AXES
+from harness.space import AXES, LATER_AXES, NO_TECHNIQUE
 
 if TYPE_CHECKING:
     import optuna
@@ -200,8 +200,16 @@ class TrialRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrialRecord:
+        """The record stored as ``data``; one stored before an axis of :data:`harness.space.LATER_AXES` existed
+        reads as having run no technique (``none``) on it."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        fields = {k: v for k, v in data.items() if k in names}
+        params, spec = fields.get("params") or {}, fields.get("spec") or {}
+        if any(axis in params for axis in AXES):
+            fields["params"] = {**dict.fromkeys(LATER_AXES, NO_TECHNIQUE), **params}
+        if any(axis in spec for axis in AXES):
+            fields["spec"] = {**{axis: {"name": NO_TECHNIQUE, "params": {}} for axis in LATER_AXES}, **spec}
+        return cls(**fields)
 
 
 #: the measurements that are a trial's results (the core's metrics, their intervals, the comparison with the

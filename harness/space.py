@@ -15,7 +15,11 @@ from typing import Any, Protocol
 
 from harness.errors import SpecError, shown
 
-AXES = ("optimizer", "precision", "compile", "parallelism", "compression")
+AXES = ("optimizer", "precision", "compile", "parallelism", "compression", "data", "memory")
+#: axes added after studies were first stored: a trial record or spec written before one existed ran nothing on
+#: it, which reads as the technique ``none`` (the declared default of each of these axes).
+LATER_AXES = ("data", "memory")
+NO_TECHNIQUE = "none"
 
 
 # --------------------------------------------------------------------------------------------- parameters

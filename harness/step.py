@@ -8,10 +8,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from harness.workload import Targets
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,8 @@ class TrainStep:
     """One optimizer step on one batch: ``step(inputs, targets) -> loss`` (a detached scalar tensor).
 
     Nothing here synchronises with the device; the runner reads losses only at timing-window boundaries.
-    ``input_transform`` (e.g. channels-last) is applied to inputs before the forward pass.
+    ``input_transform`` (e.g. channels-last) is applied to inputs before the forward pass. ``targets`` are class
+    indices or :class:`harness.workload.SoftTargets`; both split into micro-batches with ``.chunk``.
     """
 
     def __init__(self, engine: Engine, loss: Callable, precision: Precision, accumulation_steps: int = 1):
@@ -122,11 +126,11 @@ class TrainStep:
         self.accumulation_steps = accumulation_steps
         self.input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, inputs: torch.Tensor, targets: Targets) -> torch.Tensor:
         with self.precision.autocast():
             return self.loss(self.engine.model(inputs), targets, inputs)
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, targets: Targets) -> torch.Tensor:
         if self.input_transform is not None:
             inputs = self.input_transform(inputs)
         engine, n = self.engine, self.accumulation_steps
@@ -135,7 +139,8 @@ class TrainStep:
             engine.backward(loss)
         else:
             losses = []
-            for i, (x, y) in enumerate(zip(inputs.chunk(n), targets.chunk(n), strict=True)):
+            parts: tuple[Targets, ...] = targets.chunk(n)
+            for i, (x, y) in enumerate(zip(inputs.chunk(n), parts, strict=True)):
                 ctx = engine.no_sync() if i < n - 1 else contextlib.nullcontext()
                 with ctx:
                     loss = self.forward_loss(x, y) / n

@@ -29,7 +29,7 @@ from harness.step import DistInfo, Engine, Precision, TrainStep
 
 if TYPE_CHECKING:
     from harness.hookspecs import LossFn
-    from harness.workload import Batch, Workload
+    from harness.workload import Targets, TrainBatch, Workload
 
 
 @dataclass
@@ -91,9 +91,10 @@ class Trial:
     (device, driver, versions), ``phase`` (``setup``, ``compile``, ``warmup``, ``timed``, ``evaluate``,
     ``compress``), ``workload``, ``model`` (the engine's underlying model), ``optimizer``, ``engine``,
     ``precision``, ``train_step``, ``step_fn`` (the train step that runs, possibly compiled), ``batches`` (the
-    training batch iterator), ``total_steps`` (planned; 0 for a seconds budget), ``steps_done``,
-    ``train_seconds`` (timed training so far), ``metrics`` (the core's measurements so far). Methods:
-    :meth:`train` (more untimed steps) and :meth:`evaluate`. The parts are None until :meth:`setup` built them.
+    training batches, through the data technique's transform), ``total_steps`` (planned; 0 for a seconds
+    budget), ``steps_done``, ``train_seconds`` (timed training so far), ``metrics`` (the core's measurements so
+    far). Methods: :meth:`train` (more untimed steps) and :meth:`evaluate`. The parts are None until
+    :meth:`setup` built them.
     The trial does not expose the plugin manager or the registry.
     """
 
@@ -116,7 +117,7 @@ class Trial:
         self.precision: Precision = None  # type: ignore[assignment]
         self.train_step: TrainStep = None  # type: ignore[assignment]
         self.step_fn: Callable[..., Any] = None  # type: ignore[assignment]
-        self.batches: Iterator[Batch] = iter(())
+        self.batches: Iterator[TrainBatch] = iter(())
         self.flops_per_sample: float | None = None
         self.metrics: dict[str, Any] = {}
         self.total_steps = 0
@@ -163,6 +164,7 @@ class Trial:
         model = wl.model.to(device)
         model = hooks.compress_before_training(model=model, workload=wl, spec=spec, device=device) or model
         model = model.to(device)
+        model = hooks.reduce_memory(model=model, workload=wl, spec=spec, device=device) or model
         self.precision = self._required(hooks.setup_precision(model=model, spec=spec, device=device),
                                         "harness_setup_precision", "precision")
         model = self.precision.model or model
@@ -188,10 +190,13 @@ class Trial:
         self.precision = self.engine.precision
         self.model = self.engine.module
         loss = hooks.build_loss(model=self.model, workload=wl, spec=spec, device=device)
+        transform = hooks.build_data_transform(workload=wl, spec=spec, device=device)
         self.train_step = TrainStep(self.engine, loss if loss is not None else _workload_loss(wl), self.precision,
                                     accumulation_steps=getattr(self.engine, "accumulation_steps", 1))
         self.step_fn = hooks.compile_step(step=self.train_step, spec=spec, device=device) or self.train_step
         self.batches = wl.train.train_batches(spec.batch_size, spec.seed, self.dist.rank, self.dist.world)
+        if transform is not None:  # outside the (compiled, captured) step, which sees plain fixed-shape tensors
+            self.batches = (transform(x, y) for x, y in self.batches)
 
     def _count_flops(self, model: torch.nn.Module) -> float | None:
         wl, n = self.workload, 2
@@ -334,7 +339,7 @@ class Trial:
 
 def _workload_loss(workload: Workload) -> LossFn:
     """The workload's own training loss, in the shape of a technique's ``loss(outputs, targets, inputs)``."""
-    def loss(outputs: torch.Tensor, targets: torch.Tensor, _inputs: torch.Tensor) -> torch.Tensor:
+    def loss(outputs: torch.Tensor, targets: Targets, _inputs: torch.Tensor) -> torch.Tensor:
         return workload.loss_of(outputs, targets)
 
     return loss

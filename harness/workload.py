@@ -5,17 +5,115 @@ the training loop never waits on a host-side loader and never forces a device sy
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from harness.errors import SpecError
 from harness.space import Param
 
+
+@dataclass(frozen=True)
+class SoftTargets:
+    """Training targets that are a distribution over the classes instead of one class, as data techniques
+    (Mixup, CutMix, label smoothing) hand them to the loss::
+
+        lam * smooth(onehot(a)) + (1 - lam) * smooth(onehot(b)),   smooth(p) = (1 - smoothing) * p + smoothing / classes
+
+    and ``smooth(onehot(a))`` alone when ``b`` is None. ``a`` and ``b`` are class indices shaped like the batch's
+    targets (``(batch,)``; ``(batch, seq)`` for a language model); ``lam`` is a 0-d or per-sample ``(batch,)``
+    float tensor on their device, never a Python float, so that a compiled step does not recompile per batch.
+    It is a pytree node (children ``a``, ``b``, ``lam``; ``smoothing`` is static), which torch.compile and
+    CUDA-graph static copies handle, and it splits into micro-batches with :meth:`chunk` like a tensor.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor | None = None
+    lam: torch.Tensor | None = None
+    smoothing: float = 0.0
+
+    def _lam_like(self, like: torch.Tensor) -> torch.Tensor:
+        """``lam`` shaped to broadcast against ``like``, whose leading dimension is the batch's."""
+        assert self.lam is not None
+        return self.lam.reshape(self.lam.shape + (1,) * (like.dim() - self.lam.dim()))
+
+    def dense(self, classes: int) -> torch.Tensor:
+        """The target distribution as a float tensor of shape ``a.shape + (classes,)``; each row sums to 1."""
+        def smooth(index: torch.Tensor) -> torch.Tensor:
+            return nn.functional.one_hot(index, classes).float() * (1.0 - self.smoothing) + self.smoothing / classes
+
+        dense = smooth(self.a)
+        if self.b is None:
+            return dense
+        lam = self._lam_like(dense)
+        return lam * dense + (1.0 - lam) * smooth(self.b)
+
+    def chunk(self, chunks: int) -> tuple[SoftTargets, ...]:
+        """Split along the batch dimension as ``Tensor.chunk`` does (gradient accumulation's micro-batches)."""
+        a_parts = self.a.chunk(chunks)
+        b_parts = self.b.chunk(chunks) if self.b is not None else (None,) * len(a_parts)
+        lam_parts = self.lam.chunk(chunks) if self.lam is not None and self.lam.dim() else (self.lam,) * len(a_parts)
+        return tuple(SoftTargets(a, b, lam, self.smoothing)
+                     for a, b, lam in zip(a_parts, b_parts, lam_parts, strict=True))
+
+    def flatten(self) -> SoftTargets:
+        """Every position's target as one batch: ``(batch, seq)`` -> ``(batch * seq,)`` (a per-sample ``lam``
+        repeated over the sequence)."""
+        lam = self.lam
+        if lam is not None and lam.dim():
+            lam = self._lam_like(self.a).expand_as(self.a).flatten()
+        return SoftTargets(self.a.flatten(), None if self.b is None else self.b.flatten(), lam, self.smoothing)
+
+    def cross_entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of ``logits`` (``a.shape + (classes,)``) against the distribution, without building
+        it: cross-entropy is linear in the target, so it is ``lam * CE(a) + (1 - lam) * CE(b)``, each with
+        ``label_smoothing`` (no ``tokens x vocabulary`` matrix for a language model)."""
+        logits, t = logits.reshape(-1, logits.shape[-1]), self.flatten()
+
+        def ce(index: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+            return nn.functional.cross_entropy(logits, index, reduction=reduction, label_smoothing=t.smoothing)
+
+        if t.b is None:
+            return ce(t.a)
+        assert t.lam is not None, "SoftTargets: b without lam"
+        if t.lam.dim() == 0:
+            return t.lam * ce(t.a) + (1.0 - t.lam) * ce(t.b)
+        return (t.lam * ce(t.a, "none") + (1.0 - t.lam) * ce(t.b, "none")).mean()
+
+
+def _soft_targets_children(t: SoftTargets) -> tuple[list[Any], float]:
+    return [t.a, t.b, t.lam], t.smoothing
+
+
+def _soft_targets_with_keys(t: SoftTargets) -> tuple[list[tuple[Any, Any]], float]:
+    return [(pytree.GetAttrKey(k), getattr(t, k)) for k in ("a", "b", "lam")], t.smoothing
+
+
+def _soft_targets(children: Iterable[Any], smoothing: float) -> SoftTargets:
+    a, b, lam = children
+    return SoftTargets(a, b, lam, smoothing)
+
+
+pytree.register_pytree_node(SoftTargets, _soft_targets_children, _soft_targets,
+                            serialized_type_name="harness.workload.SoftTargets",
+                            flatten_with_keys_fn=_soft_targets_with_keys)
+
+#: what a training batch's targets are: class indices (a tensor), or soft targets after a data technique.
+Targets = torch.Tensor | SoftTargets
 Batch = tuple[torch.Tensor, torch.Tensor]
+#: a training batch as the train step receives it (after the trial's data technique).
+TrainBatch = tuple[torch.Tensor, Targets]
+
+
+def cross_entropy(outputs: torch.Tensor, targets: Targets) -> torch.Tensor:
+    """The default loss of a workload: mean cross-entropy against class indices or :class:`SoftTargets`."""
+    if isinstance(targets, SoftTargets):
+        return targets.cross_entropy(outputs)
+    return nn.functional.cross_entropy(outputs, targets)
 
 
 @dataclass(frozen=True)
@@ -40,7 +138,12 @@ class Text:
 
 @dataclass(frozen=True)
 class WorkloadInfo:
-    """A workload's declaration: its name, parameters, kinds (``conv``, ``image``, ``lm``) and its builder.
+    """A workload's declaration: its name, parameters, kinds and its builder.
+
+    Kinds are what techniques' requirements name: ``mlp``, ``conv``, ``transformer`` (the model); ``image``
+    (inputs are ``(batch, channels, height, width)`` float images); ``classification`` (float inputs, class-index
+    targets, a loss that takes :class:`SoftTargets`); ``lm`` (token inputs, next-token targets, a loss that
+    takes :class:`SoftTargets`).
 
     ``build(device=..., seed=..., **params)`` returns a :class:`Workload`.
 
@@ -148,9 +251,11 @@ def accuracy_count(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 class Workload:
     """A built workload: everything the trial runner needs besides the techniques.
 
-    ``loss(outputs, targets)`` returns the mean training loss; ``correct(outputs, targets)`` the number of
-    correct predictions (accuracy = correct / ``targets.numel()``). ``flops_per_sample`` is the training FLOPs
-    (forward + backward) of one sample, when known analytically; otherwise the runner counts them.
+    ``loss(outputs, targets)`` returns the mean training loss; a workload of kind ``classification`` or ``lm``
+    promises that its loss also takes :class:`SoftTargets` (the default, :func:`cross_entropy`, does), which the
+    data techniques require. ``correct(outputs, targets)`` returns the number of correct predictions (accuracy =
+    correct / ``targets.numel()``). ``flops_per_sample`` is the training FLOPs (forward + backward) of one
+    sample, when known analytically; otherwise the runner counts them.
     ``make_student()`` returns the smaller model that distillation trains in place of ``model``.
     """
 
@@ -158,7 +263,7 @@ class Workload:
     model: nn.Module
     train: Any
     test: Any
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
+    loss: Callable[[torch.Tensor, Targets], torch.Tensor] = cross_entropy
     correct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = accuracy_count
     kinds: tuple[str, ...] = ()
     #: samples are images (1 sample) or token windows (``tokens_per_sample`` tokens each).
@@ -169,7 +274,8 @@ class Workload:
     input_shape: tuple[int, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
 
-    def loss_of(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss_of(self, outputs: torch.Tensor, targets: Targets) -> torch.Tensor:
+        """The workload's loss of ``outputs`` against class indices or :class:`SoftTargets`."""
         if outputs.dim() == 3:  # (batch, seq, vocab) language-model logits
             return self.loss(outputs.flatten(0, 1), targets.flatten())
         return self.loss(outputs, targets)

@@ -33,8 +33,9 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 INPUT_SHAPE = (3, 32, 32)
-#: the kinds of the CIFAR workloads (``channels-last`` and other conv techniques require ``conv``).
-KINDS = ("conv", "image")
+#: the kinds of the CIFAR workloads (``channels-last`` and other conv techniques require ``conv``; the data
+#: techniques ``image`` or ``classification``).
+KINDS = ("conv", "image", "classification")
 
 #: the data parameters shared by the CIFAR workloads (``seed-cnn``, ``resnet18``).
 DATA_PARAMS = {

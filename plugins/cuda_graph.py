@@ -8,15 +8,18 @@ with the optimizer switched to ``capturable`` (its step counters live on the dev
 writes into a device tensor after each replay). The warm-up must not change the training run, so the model's
 parameters and buffers are restored afterwards and the optimizer state is zeroed again (torch's optimizers
 start from zero state). Each later call copies the batch into the static buffers and replays the graph. The
-runner times that first call as ``compile_s``.
+runner times that first call as ``compile_s``. Targets may be class indices or soft targets
+(:class:`harness.workload.SoftTargets`, a pytree): every tensor in them gets its static buffer.
 """
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
 
 from harness import hookimpl
 from harness.errors import TrialFailed
 from harness.space import Categorical, Int, Requirements, Technique
+from harness.workload import Targets
 from plugins._layout import apply_channels_last
 
 NAME = "cuda-graph"
@@ -56,7 +59,7 @@ class CapturedTrainStep:
 
     # Mirrors TrainStep.__call__ minus zero_grad and the scheduler: inside the graph, backward *writes* the
     # gradients (they were None at capture), and the schedule is applied outside it.
-    def _body(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _body(self, inputs: torch.Tensor, targets: Targets) -> torch.Tensor:
         n, engine = self.step.accumulation_steps, self.engine
         if n == 1:
             loss = self.step.forward_loss(inputs, targets)
@@ -84,10 +87,12 @@ class CapturedTrainStep:
             if not torch.is_tensor(group["lr"]):
                 group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=self.device)
 
-    def _capture(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def _capture(self, inputs: torch.Tensor, targets: Targets) -> None:
         model, optimizer = self.engine.module, self.engine.optimizer
         self._make_capturable()
-        self.static_inputs, self.static_targets = inputs.clone(), targets.clone()
+        self.static_inputs = inputs.clone()
+        self.static_targets = pytree.tree_map(torch.clone, targets)
+        self.static_target_leaves, self.static_target_spec = pytree.tree_flatten(self.static_targets)
         initial = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items() if torch.is_tensor(v)}
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -110,16 +115,19 @@ class CapturedTrainStep:
                     if torch.is_tensor(value):
                         value.zero_()
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, targets: Targets) -> torch.Tensor:
         if self.step.input_transform is not None:
             inputs = self.step.input_transform(inputs)
         if self.graph is None:
             self._capture(inputs, targets)
-        elif inputs.shape != self.static_inputs.shape or targets.shape != self.static_targets.shape:
-            raise RuntimeError(f"{NAME}: batch shape {tuple(inputs.shape)} differs from the captured "
-                               f"{tuple(self.static_inputs.shape)} (CUDA graphs need static shapes)")
+        leaves, spec = pytree.tree_flatten(targets)
+        if inputs.shape != self.static_inputs.shape or spec != self.static_target_spec or any(
+                a.shape != b.shape for a, b in zip(leaves, self.static_target_leaves, strict=True)):
+            raise RuntimeError(f"{NAME}: batch shape {tuple(inputs.shape)} (or its targets' structure) differs from "
+                               f"the captured {tuple(self.static_inputs.shape)} (CUDA graphs need static shapes)")
         self.static_inputs.copy_(inputs, non_blocking=True)
-        self.static_targets.copy_(targets, non_blocking=True)
+        for static, leaf in zip(self.static_target_leaves, leaves, strict=True):
+            static.copy_(leaf, non_blocking=True)
         self.graph.replay()
         if self.engine.scheduler is not None:
             self.engine.scheduler.step()

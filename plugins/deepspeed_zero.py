@@ -18,6 +18,30 @@ The other axes map into DeepSpeed's own settings:
   ``FusedAdam`` on CUDA.
 
 Runs as one process too (ZeRO-3 + offload on one GPU); a process group of one is then created here.
+
+Defaults chosen to be fast on NVLink-connected GPUs, one line each:
+
+- ``overlap_comm: True``: gradients are reduced on a side stream while the backward pass goes on (DeepSpeed's own
+  default for stage 3; the plugin used to force it off for every stage);
+- ``reduce_bucket_size: 5e7`` elements (100 MB in bfloat16): small enough that a GPT-124M's gradients leave in
+  three buckets during the backward pass, large enough for full link bandwidth (5e8 held all in one bucket, reduced
+  only after the backward pass);
+- ``contiguous_gradients`` and ``reduce_scatter`` on (fixed): gradients copied into one buffer as they are reduced,
+  by reduce-scatter rather than all-reduce;
+- ``communication_dtype: compute``: reduce in the compute dtype (bfloat16 halves the traffic), DeepSpeed's default;
+- ``stage3_leaf_blocks: True``: each repeated block (:mod:`plugins._blocks`) is a ZeRO-3 leaf module, so its
+  parameters are gathered by one hook and one all-gather per block instead of one per layer (FSDP's unit), and a
+  block compiled with ``torch-compile`` ``scope: blocks`` has no ZeRO hooks inside its graph;
+- ``stage3_prefetch_bucket_size: 5e7``, ``stage3_max_live_parameters`` / ``stage3_max_reuse_distance: 1e9``:
+  DeepSpeed's defaults (prefetch a few blocks ahead; never re-gather a block that is about to be reused);
+- DeepSpeed's throughput timer off (fixed): it synchronises the device twice per step, which stops the host from
+  queueing the next step's kernels while the device works;
+- ``gradient_clipping: 0`` (fixed): DeepSpeed 0.19 clips gradients to norm 1.0 unless told otherwise, which no other
+  engine does (a GPT trial trained measurably differently from ``single``) and which costs a norm every step; for
+  stages 1-2 without offload the then unused gradient norm is not computed either (``compute_grad_norm``).
+
+With ``torch-compile`` ``scope: blocks`` each block is compiled in place, which is what DeepSpeed's own
+``engine.compile()`` does to the whole module (``module.compile()``), block by block.
 """
 from __future__ import annotations
 
@@ -32,6 +56,7 @@ from harness import hookimpl
 from harness.errors import TrialFailed
 from harness.space import Categorical, Int, Requirements, Technique
 from harness.step import Engine
+from plugins._blocks import repeated_blocks
 
 TECHNIQUE = Technique(
     axis="parallelism", name="deepspeed",
@@ -47,16 +72,27 @@ TECHNIQUE = Technique(
         "optimizer_impl": Categorical(("auto", "torch"), default="auto",
                                       help="auto: DeepSpeed's CPUAdam (offload) / FusedAdam (CUDA) for Adam(W); "
                                            "torch: the optimizer axis's torch optimizer as built"),
-        "reduce_bucket_size": Int(10 ** 6, 10 ** 9, default=5 * 10 ** 8, log=True,
+        "reduce_bucket_size": Int(10 ** 6, 10 ** 9, default=5 * 10 ** 7, log=True,
                                   help="elements per gradient reduce bucket"),
         "allgather_bucket_size": Int(10 ** 6, 10 ** 9, default=5 * 10 ** 8, log=True,
                                      help="elements per parameter all-gather bucket (stages 1-2)"),
+        "overlap_comm": Categorical((True, False), default=True,
+                                    help="overlap gradient reduction with the backward pass"),
+        "communication_dtype": Categorical(("compute", "float32"), default="compute",
+                                           help="dtype of gradient reductions: the compute dtype (bfloat16 "
+                                                "halves the traffic) or float32"),
+        "stage3_leaf_blocks": Categorical((True, False), default=True,
+                                          help="gather each repeated block's parameters at once (one hook and "
+                                               "all-gather per block) or per layer (stage 3)"),
         "stage3_prefetch_bucket_size": Int(10 ** 5, 10 ** 9, default=5 * 10 ** 7, log=True,
                                            help="elements of parameters prefetched ahead of use (stage 3)"),
         "stage3_param_persistence_threshold": Int(0, 10 ** 7, default=10 ** 5,
                                                   help="parameters smaller than this stay unpartitioned (stage 3)"),
-        "overlap_comm": Categorical((False, True), default=False,
-                                    help="overlap gradient reduction with the backward pass"),
+        "stage3_max_live_parameters": Int(10 ** 6, 10 ** 10, default=10 ** 9, log=True,
+                                          help="gathered parameters kept before releasing any (stage 3)"),
+        "stage3_max_reuse_distance": Int(0, 10 ** 10, default=10 ** 9,
+                                         help="a parameter reused within this many elements stays gathered "
+                                              "(stage 3)"),
     },
     requires=Requirements(packages=("deepspeed",)),
     incompatible={"compile:cuda-graph": "DeepSpeed's engine synchronises with the host inside its step, so the "
@@ -96,17 +132,39 @@ def precision_config(precision, device: torch.device) -> tuple[dict, torch.dtype
 
 
 def zero_config(p: dict) -> dict:
+    """DeepSpeed's ``zero_optimization`` section for the technique's parameters (see the module docstring)."""
     zero = {"stage": p["stage"], "reduce_bucket_size": p["reduce_bucket_size"],
             "allgather_bucket_size": p["allgather_bucket_size"], "overlap_comm": p["overlap_comm"],
-            "contiguous_gradients": True}
+            "contiguous_gradients": True, "reduce_scatter": True}
     if p["stage"] == 3:
         zero.update(stage3_prefetch_bucket_size=p["stage3_prefetch_bucket_size"],
-                    stage3_param_persistence_threshold=p["stage3_param_persistence_threshold"])
+                    stage3_param_persistence_threshold=p["stage3_param_persistence_threshold"],
+                    stage3_max_live_parameters=p["stage3_max_live_parameters"],
+                    stage3_max_reuse_distance=p["stage3_max_reuse_distance"])
     if p["offload_optimizer"] == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": p["offload_pin_memory"]}
     if p["offload_param"] == "cpu":
         zero["offload_param"] = {"device": "cpu", "pin_memory": p["offload_pin_memory"]}
+    if p["stage"] in (1, 2) and p["offload_optimizer"] == "none" and knows_zero_field("compute_grad_norm"):
+        zero["compute_grad_norm"] = False  # nothing clips, so the per-step norm would be computed for nothing
     return zero
+
+
+def knows_zero_field(name: str) -> bool:
+    """Whether the installed DeepSpeed's ``zero_optimization`` section has the field ``name``."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return name in getattr(DeepSpeedZeroConfig, "model_fields", {})
+
+
+def mark_leaf_blocks(model: nn.Module) -> int:
+    """Make every repeated block a ZeRO-3 leaf module (its parameters gathered at once); returns how many."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    blocks = repeated_blocks(model)
+    for block in blocks:
+        set_z3_leaf_module(block, True)
+    return len(blocks)
 
 
 def deepspeed_optimizer(optimizer, params, p: dict, device: torch.device):
@@ -168,8 +226,14 @@ class DeepSpeedEngine(Engine):
             "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 10 ** 9,
             "wall_clock_breakdown": False,
+            "timers": {"throughput": {"enabled": False}},  # it synchronises the device twice per step
+            "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0; no other engine clips
             **half,
         }
+        if p["communication_dtype"] == "float32":
+            config["communication_data_type"] = "fp32"
+        if p["stage"] == 3 and p["stage3_leaf_blocks"]:
+            mark_leaf_blocks(model)
         params = [q for q in model.parameters() if q.requires_grad]
         client = deepspeed_optimizer(optimizer, params, p, device)
         ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config,

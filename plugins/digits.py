@@ -9,6 +9,9 @@ from harness import hookimpl
 from harness.space import Int
 from harness.workload import TensorSource, Workload, WorkloadInfo
 
+#: 8x8 grey images (N, 1, 8, 8) classified into 10 digits by an MLP.
+KINDS = ("mlp", "image", "classification")
+
 
 def mlp(hidden: int, depth: int) -> nn.Module:
     layers, width = [nn.Flatten()], 64
@@ -36,7 +39,7 @@ def build(device, seed, hidden=256, depth=2, student_hidden=32):  # noqa: ARG001
     torch.manual_seed(seed)
     model = mlp(hidden, depth)
     flops = 6.0 * sum(p.numel() for p in model.parameters() if p.dim() > 1)
-    return Workload(name="digits", model=model, train=train, test=test, kinds=("mlp", "image"),
+    return Workload(name="digits", model=model, train=train, test=test, kinds=KINDS,
                     flops_per_sample=flops, input_shape=(1, 8, 8),
                     make_student=lambda: mlp(student_hidden, 1))
 
@@ -44,7 +47,7 @@ def build(device, seed, hidden=256, depth=2, student_hidden=32):  # noqa: ARG001
 @hookimpl
 def harness_declare_workloads():
     return [WorkloadInfo(
-        name="digits", build=build, default=True, kinds=("mlp", "image"),
+        name="digits", build=build, default=True, kinds=KINDS,
         params={"hidden": Int(8, 4096, default=256, help="hidden width"),
                 "depth": Int(1, 8, default=2, help="hidden layers"),
                 "student_hidden": Int(4, 4096, default=32, help="hidden width of the distillation student")},

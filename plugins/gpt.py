@@ -28,6 +28,7 @@ from harness.space import Categorical, Int
 from harness.workload import Text, TokenSource, Workload, WorkloadInfo
 
 NAME = "gpt"
+#: a language model (its loss, the default cross-entropy, takes the soft targets of label smoothing).
 KINDS = ("lm", "transformer")
 HELD_OUT_FRACTION = 0.05
 

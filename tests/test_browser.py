@@ -24,6 +24,8 @@ import pytest
 import yaml
 from mlflow_server import mlflow_process
 
+from harness.space import AXES
+
 pytestmark = pytest.mark.slow
 
 TESTS = Path(__file__).resolve().parent
@@ -130,8 +132,7 @@ def rendered_rows(driver, ready: Callable[[list[str]], bool], timeout: float = 6
 
 def run_name(record: dict) -> str:
     params = record["params"]
-    return f"#{record['number']} " + " + ".join(params[a] for a in
-                                                ("optimizer", "precision", "compile", "parallelism", "compression"))
+    return f"#{record['number']} " + " + ".join(params[a] for a in AXES)
 
 
 def test_printed_link_opens_the_pareto_front_with_techniques_and_throughput(finished_study, ui, browser):

@@ -21,9 +21,10 @@ from harness.trial import run_trial
 
 # The worker's side of the lifecycle in harness/hookspecs.py, as hook names (each listed once, at its first call).
 LIFECYCLE = [
-    "check_combination", "compress_before_training", "setup_precision", "build_optimizer", "build_engine",
-    "build_lr_scheduler", "build_loss", "compile_step", "trial_start", "measure_window", "trial_window",
-    "trial_evaluated", "compress_after_training", "measure_model", "measure_trial", "trial_end",
+    "check_combination", "compress_before_training", "reduce_memory", "setup_precision", "build_optimizer",
+    "build_engine", "build_lr_scheduler", "build_loss", "build_data_transform", "compile_step", "trial_start",
+    "measure_window", "trial_window", "trial_evaluated", "compress_after_training", "measure_model",
+    "measure_trial", "trial_end",
 ]
 
 

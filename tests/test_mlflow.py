@@ -122,7 +122,7 @@ def test_one_parent_run_per_study_with_summary_objectives_and_device(study_run):
     p = parent.data.params
     assert p["workload"] == "digits"
     assert p["techniques"] == ("optimizer: adamw | precision: fp32 | compile: eager | parallelism: single | "
-                               "compression: none, fault")
+                               "compression: none, fault | data: none | memory: none")
     assert p["objectives"] == "throughput (maximize), accuracy (maximize)"
     t = parent.data.tags
     assert t["device.host"] == socket.gethostname()

@@ -43,9 +43,14 @@ def harness_trial_start(trial):
         time.sleep(3600)
 
 
-def spec_for(parallelism, devices: int):
+#: the gpt workload (tiny: 2 transformer blocks) with its blocks checkpointed: the block-wise paths of the engines
+#: (FSDP units, ZeRO-3 leaf modules, prefetching) wrap blocks that recompute their forward in the backward pass.
+CHECKPOINTED_GPT = {"workload": "gpt", "workload_params": {"size": "tiny"}, "memory": "activation-checkpointing"}
+
+
+def spec_for(parallelism, devices: int, **fields):
     return make_spec(parallelism=parallelism, optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.0},
-                     precision="fp32", devices=devices, batch_size=64, seed=3, budget=BUDGET)
+                     precision="fp32", devices=devices, batch_size=64, seed=3, budget=BUDGET, **fields)
 
 
 def processes_of(workdir: Path) -> list[psutil.Process]:
@@ -74,6 +79,14 @@ def single_process_result(tmp_path_factory):
     return result
 
 
+@pytest.fixture(scope="module")
+def single_process_checkpointed_gpt(tmp_path_factory):
+    result = launch(spec_for("single", 1, **CHECKPOINTED_GPT), tmp_path_factory.mktemp("single-gpt"),
+                    LaunchOptions(timeout_s=120))
+    assert result.ok, result.message
+    return result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", [
     {"name": "ddp"},
@@ -93,6 +106,26 @@ def test_two_process_trial_matches_single_process_loss(parallelism, single_proce
                                                        abs=LOSS_TOLERANCE)
     assert result.metrics["accuracy"] == pytest.approx(single_process_result.metrics["accuracy"], abs=1e-9)
     assert result.metrics["throughput_samples_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism", [
+    {"name": "ddp"},
+    {"name": "fsdp"},
+    {"name": "fsdp", "reshard_after_forward": False, "prefetch": 2},
+    {"name": "deepspeed", "stage": 2},
+    {"name": "deepspeed", "stage": 3},
+], ids=["ddp", "fsdp", "fsdp-keep-prefetch2", "zero2", "zero3"])
+def test_two_process_checkpointed_gpt_matches_single_process_loss(parallelism, single_process_checkpointed_gpt,
+                                                                   tmp_path):
+    # gpt tiny at seq 64: the first 320 held-out windows are 20,480 tokens, the same on 1 and 2 ranks
+    result = launch(spec_for(parallelism, 2, **CHECKPOINTED_GPT), tmp_path / "trial", LaunchOptions(timeout_s=180))
+
+    assert result.ok, result.message
+    reference = single_process_checkpointed_gpt.metrics
+    assert result.metrics["eval_samples"] == reference["eval_samples"] == 320 * 64
+    assert result.metrics["val_loss"] == pytest.approx(reference["val_loss"], abs=LOSS_TOLERANCE)
+    assert result.metrics["accuracy"] == pytest.approx(reference["accuracy"], abs=1e-9)
 
 
 @pytest.mark.slow

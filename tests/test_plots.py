@@ -18,7 +18,7 @@ MEMORY = Objective("peak_memory", "peak_memory_bytes", "minimize")
 
 def record(number: int, state: str = "COMPLETE", values: list[float] | None = None, **fields) -> TrialRecord:
     params = {"optimizer": "adam", "precision": "fp32", "compile": "eager", "parallelism": "single",
-              "compression": "none"}
+              "compression": "none", "data": "none", "memory": "none"}
     return TrialRecord(number, state, values=values, params=params, spec_hash=f"h{number}", **fields)
 
 
@@ -99,8 +99,9 @@ def test_pareto_shows_baseline_trial_numbers_and_units():
     assert ax.get_ylabel() == "throughput (samples/s, higher is better)"
     assert ax.get_xlabel() == "peak_memory (MiB, lower is better)"
     notes = {t.get_text() for t in ax.texts}
-    assert "#3 adam + fp32 + eager + single + none" in notes and "#5 adam + fp32 + eager + single + none" in notes
-    assert "baseline adam + fp32 + eager + single + none" in notes
+    techniques = "adam + fp32 + eager + single + none + none + none"
+    assert f"#3 {techniques}" in notes and f"#5 {techniques}" in notes
+    assert f"baseline {techniques}" in notes
     shown = legend_entries(fig)
     assert [tuple(p) for p in shown["baseline"].get_offsets()] == [(2.5, 150.0)]  # bytes drawn in MiB
     assert sorted(zip(*shown["Pareto front"].get_data(), strict=True)) == [(2.0, 120.0), (3.0, 200.0)]

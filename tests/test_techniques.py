@@ -149,4 +149,4 @@ def test_fp8_needs_compute_capability_8_9_and_torchao(registry):
 def test_channels_last_is_infeasible_for_a_workload_without_convolutions():
     result = run_one_trial(compile="channels-last")
     assert result.status == "infeasible"
-    assert "applies to conv workloads; workload 'digits' is image/mlp" in result.message
+    assert "applies to conv workloads; workload 'digits' is classification/image/mlp" in result.message

@@ -131,11 +131,12 @@ def tiny_workload(device: Any = None, seed: int = 0, samples: int = 768, feature
     model = mlp(hidden)
     flops = 6.0 * sum(p.numel() for p in model.parameters() if p.dim() > 1)
     return Workload(name="tiny", model=model, train=TensorSource(inputs[:split], targets[:split]),
-                    test=TensorSource(inputs[split:], targets[split:]), kinds=("mlp",), flops_per_sample=flops,
-                    input_shape=(features,), make_student=lambda: mlp(max(2, hidden // 4)))
+                    test=TensorSource(inputs[split:], targets[split:]), kinds=("mlp", "classification"),
+                    flops_per_sample=flops, input_shape=(features,), make_student=lambda: mlp(max(2, hidden // 4)))
 
 
-tiny_workload.kinds = ("mlp",)  # type: ignore[attr-defined]  # what requirements on workload kinds see
+# what requirements on workload kinds see
+tiny_workload.kinds = ("mlp", "classification")  # type: ignore[attr-defined]
 
 
 # ============================================================================================ studies

@@ -1,0 +1,102 @@
+"""The sharded-training benchmark scripts on the CPU: the profile's interval arithmetic on a known trace, and each
+script's code path end to end with gloo (benchmarks/sharded.py, sharded_profile.py, parallelism.py capacity), so
+that a GPU call runs them unattended. The GPU figures themselves are in docs/benchmarks.md."""
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def benchmarks(monkeypatch, tmp_path):
+    """The benchmarks folder importable (as when a script runs), DeepSpeed on its CPU accelerator, runs in tmp."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.chdir(tmp_path)
+    for name in ("sharded", "sharded_profile", "parallelism"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+def kernel(name: str, start: float, end: float, cat: str = "kernel") -> dict:
+    return {"ph": "X", "cat": cat, "name": name, "ts": start, "dur": end - start, "args": {"device": 0}}
+
+
+@pytest.mark.usefixtures("benchmarks")
+def test_profile_summary_separates_compute_communication_and_idle_time():
+    from sharded_profile import summarize
+
+    # two steps over 0..1000 us: compute 0-300 and 500-800, an all-gather 200-400 (100 us hidden under compute),
+    # a reduce-scatter 800-900 (all exposed), a copy 950-1000; idle: 400-500 and 900-950; other device ignored
+    trace = {"traceEvents": [
+        kernel("ampere_bf16_gemm", 0, 300), kernel("ncclDevKernel_AllGather_RING", 200, 400),
+        kernel("triton_fused_gelu", 500, 800), kernel("ncclDevKernel_ReduceScatter_Sum", 800, 900),
+        kernel("Memcpy DtoD", 950, 1000, cat="gpu_memcpy"), {**kernel("other_gpu", 0, 5000), "args": {"device": 1}},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9000}]}
+    s = summarize(trace, steps=2, device=0)
+    assert s["step_ms"] == pytest.approx(0.5)  # 1000 us over 2 steps
+    assert s["compute_ms"] == pytest.approx(0.3)
+    assert s["nccl_ms"] == pytest.approx(0.15)
+    assert s["exposed_comm_ms"] == pytest.approx(0.1)  # 300 of NCCL, 100 hidden: 200 us / 2 steps
+    assert s["idle_ms"] == pytest.approx(0.075)
+    assert s["copy_ms"] == pytest.approx(0.025)
+    assert next(iter(s["top_kernels_ms"])) == "ampere_bf16_gemm"
+
+
+@pytest.mark.usefixtures("benchmarks")
+def test_capacity_formula_predicts_the_measured_plain_adamw_depth():
+    from parallelism import gpt_params, predicted_layers
+
+    # measured on an H100 80GB (docs/benchmarks.md): 24 layers at n_embd 4096 trained at 76.0 GiB of its 79.2 GiB
+    assert 22 <= predicted_layers("single", 79.2 * 2 ** 30, 4096, 2) <= 25
+    # two GPUs with ZeRO-3/FSDP hold 16 bytes per parameter / 2: about twice the depth, past the 1.8x target
+    h200 = 139.8 * 2 ** 30
+    plain, sharded = predicted_layers("single", h200, 4096, 2), predicted_layers("fsdp-ac", h200, 4096, 2)
+    assert gpt_params(sharded, 4096) > 1.8 * gpt_params(plain, 4096)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("benchmarks")
+def test_scaling_table_runs_every_row_on_the_cpu(capsys, tmp_path):
+    import sharded
+
+    assert sharded.main(["--cpu", "--models", "tiny", "--variants", "single,ddp,fsdp", "--devices", "1,2",
+                         "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]) == 0
+    rows = json.loads((tmp_path / "out" / "sharded.json").read_text())
+    assert [(r["variant"], r["gpus"], r["status"]) for r in rows] == [("single", 1, "ok"), ("ddp", 2, "ok"),
+                                                                      ("fsdp", 2, "ok")]
+    table = capsys.readouterr().out
+    assert "| tiny | ddp (eager) | 2 | 16 |" in table and "| 1.00 |" in table
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("benchmarks")
+def test_profile_script_writes_a_summary_and_a_trace_per_technique(tmp_path):
+    import sharded_profile
+
+    out = tmp_path / "profile"
+    assert sharded_profile.main(["--cpu", "--model", "tiny", "--variants", "fsdp", "--out", str(out),
+                                 "--cache", str(tmp_path / "cache")]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    (row,) = summary["rows"]
+    assert row["status"] == "ok" and row["steps"] > 0  # one timing window of steps was profiled
+    with gzip.open(out / "fsdp" / "trace.rank0.json.gz") as f:
+        assert json.load(f)["traceEvents"]
+    assert (out / "fsdp" / "summary.rank1.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("benchmarks")
+def test_capacity_bisection_finds_the_largest_depth_that_trains(tmp_path):
+    import parallelism
+
+    parallelism.main(["capacity", "--cpu", "--configs", "fsdp-ac", "--lo", "1", "--hi", "2",
+                      "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "parallelism_capacity.json").read_text())
+    # bisection over [1, 2]: the middle (1) trains, then 2 trains: the largest is 2
+    assert [(r["n_layer"], r["status"], r["gpus"]) for r in rows] == [(1, "ok", 2), (2, "ok", 2)]
