@@ -52,7 +52,10 @@ class SlotLoop:
     def run_trial(self, trial: optuna.Trial, spec: TrialSpec | None = None) -> TrialRecord:
         raise NotImplementedError
 
-    def _after(self, record: TrialRecord) -> None:
+    def _after(self, record: TrialRecord) -> bool:
+        raise NotImplementedError
+
+    def remeasure_baseline(self) -> None:
         raise NotImplementedError
 
     def _status(self, current: str, refresh: bool = True) -> None:
@@ -145,7 +148,9 @@ class SlotLoop:
         try:
             record = self.run_trial(trial, spec)
             with self._lock:
-                self._after(record)
+                due = self._after(record)
+            if due:  # on this trial's slots, while the other slots go on
+                self.remeasure_baseline()
         except BaseException as exc:  # a storage or plugin failure of the driver itself: the main loop raises it
             errors.append(exc)
         finally:

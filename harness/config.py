@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import SpecError, one_line, shown
-from harness.space import AXES, LATER_AXES, NO_TECHNIQUE, did_you_mean
+from harness.space import AXES, LATER_AXES, NO_TECHNIQUE, did_you_mean, techniques_label
 
 if TYPE_CHECKING:
     from harness.plugins import Registry
@@ -131,7 +131,7 @@ class TrialSpec:
         return out
 
     def label(self) -> str:
-        return " + ".join(getattr(self, a).name for a in AXES)
+        return techniques_label({a: getattr(self, a).name for a in AXES})
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -198,18 +198,19 @@ class StudyDriver(SlotLoop):
                     time.sleep(min(2.0, cfg.heartbeat_s))
                     continue
                 trial = self._ask()
-                if not storage.give_way_if_surplus(study, trial, self.n_trials):
-                    self._after(self.run_trial(trial))
+                if not storage.give_way_if_surplus(study, trial, self.n_trials) and self._after(self.run_trial(trial)):
+                    self.remeasure_baseline()
             self._status("done")
         return True
 
-    def _after(self, record: TrialRecord) -> None:
-        """Bookkeeping after a trial: the ruled-out count, new vetoes, the periodic baseline re-measurement."""
+    def _after(self, record: TrialRecord) -> bool:
+        """Bookkeeping after a trial: the ruled-out count, new vetoes; True when the periodic baseline re-measurement
+        is due (the caller runs it, outside the concurrent loop's bookkeeping lock)."""
         if record.failure_class == "infeasible" and not record.metrics:
             self.ruled_out += 1
-            return
+            return False
         if record.duplicate_of is not None:
-            return
+            return False
         self.launched += 1
         vetoes = feasibility.vetoes(report.records_from_study(self.study), self.registry)
         for combo, why in vetoes.items():
@@ -217,8 +218,7 @@ class StudyDriver(SlotLoop):
                 self.console.print(f"[yellow]{escape(mask_credentials(why))}[/yellow]")
         self.vetoes = vetoes
         every = self.config.remeasure_baseline_every
-        if self.baseline is not None and every and self.launched % every == 0:
-            self.remeasure_baseline()
+        return self.baseline is not None and bool(every) and self.launched % every == 0
 
     def trial_timeout_s(self) -> float:
         """The study file's ``trial_timeout_s``, or with ``auto``: 10x the baseline trial's wall time (at least
@@ -275,19 +275,21 @@ class StudyDriver(SlotLoop):
         speed drifts during a long study (heat, a busy neighbour) shows it; kept in ``baseline_checks``."""
         if self.baseline is None:
             return
-        checks = list(self.study.user_attrs.get("baseline_checks", []))
+        after = self.launched  # each multiple of remeasure_baseline_every is due once: a unique folder
         spec = baseline_spec(self.config, self.registry)
-        self._status(f"baseline again ({len(checks) + 1}): {spec.label()}")
-        result = self._launch(spec, self.output_dir / "trials" / f"baseline-{len(checks) + 1}", None)
+        self._status(f"baseline again (after {after} trials): {spec.label()}")
+        result = self._launch(spec, self.output_dir / "trials" / f"baseline-after-{after}", None)
         if not result.ok:
             self.console.print(f"[yellow]baseline re-measurement failed ({result.status}): "
                                f"{escape(mask_credentials(result.message))}[/yellow]")
             return
         change = compare_to_baseline(result.metrics, self.baseline.metrics)
         keys = (THROUGHPUT_KEY, CI_REL_KEY)
-        checks.append({"after_trials": self.launched, "time": time.time(), **change,
-                       **{k: result.metrics[k] for k in keys if k in result.metrics}})
-        self.study.set_user_attr("baseline_checks", checks)
+        with self._lock:  # concurrent slots: another re-measurement may be writing the list
+            checks = list(self.study.user_attrs.get("baseline_checks", []))
+            checks.append({"after_trials": after, "time": time.time(), **change,
+                           **{k: result.metrics[k] for k in keys if k in result.metrics}})
+            self.study.set_user_attr("baseline_checks", checks)
         ratio = change.get("speedup_vs_baseline")
         if ratio is None:
             return
@@ -295,7 +297,7 @@ class StudyDriver(SlotLoop):
                                                                          THROUGHPUT_KEY)
                    else "beyond the measurement noise: this machine's speed changed during the study, so compare "
                         "trials measured close together")
-        self.console.print(f"baseline re-measured after {self.launched} trials: "
+        self.console.print(f"baseline re-measured after {after} trials: "
                            f"{report.fmt(THROUGHPUT_KEY, result.metrics[THROUGHPUT_KEY])} samples/s, "
                            f"{ratio - 1:+.1%} against its first measurement ({verdict})")
 

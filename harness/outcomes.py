@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from harness.space import AXES, LATER_AXES, NO_TECHNIQUE
+from harness.space import AXES, LATER_AXES, NO_TECHNIQUE, techniques_label
 
 if TYPE_CHECKING:
     import optuna
@@ -168,7 +168,7 @@ class TrialRecord:
 
     @property
     def label(self) -> str:
-        return " + ".join(str(self.params.get(a, "?")) for a in AXES)
+        return techniques_label(self.params)
 
     @property
     def feasible(self) -> bool:

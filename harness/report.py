@@ -25,7 +25,7 @@ from harness.outcomes import (
     without_results,
 )
 from harness.redact import mask_all, mask_credentials
-from harness.space import AXES
+from harness.space import AXES, LABEL_CAPTION
 
 if TYPE_CHECKING:
     import optuna
@@ -134,7 +134,7 @@ def print_table(console: Console, study: optuna.Study, records: Sequence[TrialRe
     on_front = baseline is not None and any(r.number < 0 for r in pareto)
     table = Table(title=mask_credentials(f"study {study.study_name}: Pareto front ({len(pareto)} of {len(records)} "
                                          "trials" + (" + the baseline" if baseline is not None else "") + ")"),
-                  caption="techniques: " + " + ".join(AXES) + (
+                  caption="techniques: " + LABEL_CAPTION + (
                       "; the baseline is below the front, shown for reference"
                       if baseline is not None and not on_front else ""))
     rows = list(pareto)
@@ -148,7 +148,7 @@ def print_table(console: Console, study: optuna.Study, records: Sequence[TrialRe
                   for k, v in sorted(chosen.get(r.number, {}).items()) if k not in AXES}
         metrics = shown_metrics(r, objectives, baseline)
         row = ["baseline" if r.number < 0 else str(r.number),
-               mask_credentials(" + ".join(str(r.params.get(a, "")) for a in AXES)),
+               mask_credentials(r.label),
                mask_credentials(", ".join(f"{k}={fmt(k, v)}" for k, v in params.items()) or "-"),
                *[throughput_text(metrics) if k == THROUGHPUT_KEY else fmt(k, metrics.get(k)) for k in cols]]
         if baseline is not None:

@@ -20,6 +20,15 @@ AXES = ("optimizer", "precision", "compile", "parallelism", "compression", "data
 #: it, which reads as the technique ``none`` (the declared default of each of these axes).
 LATER_AXES = ("data", "memory")
 NO_TECHNIQUE = "none"
+#: how a combination reads in tables, progress lines and run names (see :func:`techniques_label`).
+LABEL_CAPTION = " + ".join(a for a in AXES if a not in LATER_AXES) + " (+ " + ", ".join(LATER_AXES) + " when used)"
+
+
+def techniques_label(names: Mapping[str, Any]) -> str:
+    """A combination as ``adamw + fp32 + eager + single + none``: one technique name per axis in axis order, the
+    later axes' only when they hold a technique (``+ mixup``), so that three ``none`` in a row never need decoding."""
+    return " + ".join(str(names.get(a, "?")) for a in AXES
+                      if a not in LATER_AXES or names.get(a, NO_TECHNIQUE) != NO_TECHNIQUE)
 
 
 # --------------------------------------------------------------------------------------------- parameters

@@ -16,7 +16,7 @@ from harness.config import TrialSpec
 from harness.feasibility import vetoes
 from harness.outcomes import TrialRecord
 from harness.plugins import get_registry
-from harness.space import AXES, LATER_AXES, Technique
+from harness.space import AXES, LATER_AXES, Technique, techniques_label
 from harness.studyfile import StudyConfig
 from harness.testing import TINY_WORKLOAD, make_spec, run_small_study
 
@@ -141,7 +141,7 @@ def test_an_old_record_reads_as_having_run_no_data_or_memory_technique():
            "spec": old_spec, "spec_hash": hash_before_the_new_axes(spec)}
     record = TrialRecord.from_dict(old)
     assert record.params["data"] == "none" and record.params["memory"] == "none"
-    assert record.label.endswith(" + none + none + none")  # compression, data, memory
+    assert record.label.endswith(" + single + none")  # compression none; data and memory none: not shown
     assert TrialSpec.from_dict(record.spec).spec_hash() == record.spec_hash
     assert "data" not in old["params"], "the stored record itself is not changed"
     assert not any(("data", "None") in combo for combo in vetoes([record, TrialRecord.from_dict(
@@ -177,8 +177,19 @@ def test_a_study_stored_before_the_new_axes_reports_and_resumes_without_rerunnin
 
     code, out, err = harness_cli("report", "five-axes", "--storage", f"sqlite:///{tmp_path / 'harness.db'}")
     assert code == 0, err
-    assert "adamw + fp32 + eager + single + none + none + none" in out
+    assert "adamw + fp32 + eager + single + none" in out
 
     records, _ = run_small_study({**study, "n_trials": 2}, tmp_path, registry=registry)
     again = max(records, key=lambda r: r.number)
     assert again.number == 1 and again.duplicate_of == 0, "the same combination, recognised across the change"
+
+
+def test_labels_show_the_later_axes_only_when_they_hold_a_technique():
+    first = {"optimizer": "sgd", "precision": "fp32", "compile": "eager", "parallelism": "single",
+             "compression": "none"}
+    assert techniques_label({**first, "data": "none", "memory": "none"}) == "sgd + fp32 + eager + single + none"
+    assert techniques_label(first) == "sgd + fp32 + eager + single + none", "an old record reads the same"
+    assert techniques_label({**first, "data": "mixup", "memory": "none"}).endswith("single + none + mixup")
+    assert techniques_label({**first, "data": "none", "memory": "activation-checkpointing"}).endswith(
+        "none + activation-checkpointing")
+    assert make_spec(data={"name": "label-smoothing"}).label().endswith(" + label-smoothing")

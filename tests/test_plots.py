@@ -99,7 +99,7 @@ def test_pareto_shows_baseline_trial_numbers_and_units():
     assert ax.get_ylabel() == "throughput (samples/s, higher is better)"
     assert ax.get_xlabel() == "peak_memory (MiB, lower is better)"
     notes = {t.get_text() for t in ax.texts}
-    techniques = "adam + fp32 + eager + single + none + none + none"
+    techniques = "adam + fp32 + eager + single + none"
     assert f"#3 {techniques}" in notes and f"#5 {techniques}" in notes
     assert f"baseline {techniques}" in notes
     shown = legend_entries(fig)
