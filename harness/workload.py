@@ -70,18 +70,22 @@ class SoftTargets:
 
     def cross_entropy(self, logits: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of ``logits`` (``a.shape + (classes,)``) against the distribution, without building
-        it: cross-entropy is linear in the target, so it is ``lam * CE(a) + (1 - lam) * CE(b)``, each with
-        ``label_smoothing`` (no ``tokens x vocabulary`` matrix for a language model)."""
-        logits, t = logits.reshape(-1, logits.shape[-1]), self.flatten()
+        it (no ``tokens x vocabulary`` matrix for a language model): see :meth:`mix`."""
+        logits = logits.reshape(-1, logits.shape[-1])
+        return self.mix(lambda index, reduction: nn.functional.cross_entropy(
+            logits, index, reduction=reduction, label_smoothing=self.smoothing))
 
-        def ce(index: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-            return nn.functional.cross_entropy(logits, index, reduction=reduction, label_smoothing=t.smoothing)
-
+    def mix(self, ce: Callable[[torch.Tensor, str], torch.Tensor]) -> torch.Tensor:
+        """The mean loss against the distribution from ``ce(index, reduction)``, a cross-entropy against class
+        indices (flattened, see :meth:`flatten`) that applies ``smoothing`` itself: cross-entropy is linear in the
+        target, so it is ``lam * ce(a) + (1 - lam) * ce(b)`` (``ce(a)`` without ``b``). A fused kernel computing
+        the loss another way (e.g. from hidden states) uses this too."""
+        t = self.flatten()
         if t.b is None:
-            return ce(t.a)
+            return ce(t.a, "mean")
         assert t.lam is not None, "SoftTargets: b without lam"
         if t.lam.dim() == 0:
-            return t.lam * ce(t.a) + (1.0 - t.lam) * ce(t.b)
+            return t.lam * ce(t.a, "mean") + (1.0 - t.lam) * ce(t.b, "mean")
         return (t.lam * ce(t.a, "none") + (1.0 - t.lam) * ce(t.b, "none")).mean()
 
 

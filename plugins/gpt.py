@@ -8,6 +8,13 @@ and is never trained on.
 
 Tokens are bytes (ids < 256). ``vocab_size`` may be larger: the ``124M`` preset uses GPT-2's 50,304 so that its
 embedding and output-layer compute match GPT-2-124M, with the ids above 255 simply never occurring.
+
+Kernel choices (:mod:`plugins._gpt_kernels`): ``attention`` forces one backend of ``scaled_dot_product_attention``
+(flash, cudnn, efficient, math; ``auto`` lets torch pick), and ``kernels: liger`` swaps in Liger's LayerNorm and
+fused linear cross-entropy (``liger-flce``: the latter only), with which the model returns hidden states and the
+workload's loss applies the tied output layer, never materialising the logits. A backend or kernel this machine
+cannot run is refused before launch where the machine decides it, and otherwise fails the trial as infeasible in
+one line when the trial starts (the head size and compute dtype decide it).
 """
 from __future__ import annotations
 
@@ -23,9 +30,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from harness import hookimpl
-from harness.errors import SpecError
+from harness.errors import SpecError, TrialFailed
 from harness.space import Categorical, Int
-from harness.workload import Text, TokenSource, Workload, WorkloadInfo
+from harness.workload import Text, TokenSource, Workload, WorkloadInfo, accuracy_count, cross_entropy
+from plugins import _gpt_kernels
 
 NAME = "gpt"
 #: a language model (its loss, the default cross-entropy, takes the soft targets of label smoothing).
@@ -47,13 +55,15 @@ SIZE_KEYS = ("n_layer", "n_embd", "n_head", "seq_len", "vocab_size")
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, n_embd: int, n_head: int):
+    def __init__(self, n_embd: int, n_head: int, attention: str = "auto", kernels: str = "native"):
         super().__init__()
         self.n_head = n_head
-        self.ln_1 = nn.LayerNorm(n_embd)
+        self.backend = _gpt_kernels.ATTENTION[attention]
+        norm = _gpt_kernels.layer_norm(kernels)
+        self.ln_1 = norm(n_embd)
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
-        self.ln_2 = nn.LayerNorm(n_embd)
+        self.ln_2 = norm(n_embd)
         self.fc = nn.Linear(n_embd, 4 * n_embd)
         self.fc_proj = nn.Linear(4 * n_embd, n_embd)
 
@@ -61,24 +71,27 @@ class Block(nn.Module):
         b, t, c = x.shape
         q, k, v = self.qkv(self.ln_1(x)).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = _gpt_kernels.attention(q, k, v, self.backend)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
         return x + self.fc_proj(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
 
 
 class GPT(nn.Module):
     """Token + learned position embeddings, ``n_layer`` blocks, final LayerNorm, output layer tied to the token
-    embedding. ``forward(ids)`` returns logits of shape (batch, seq, vocab)."""
+    embedding. ``forward(ids)`` returns logits of shape (batch, seq, vocab), or with a fused head (``kernels``
+    other than ``native``) the final hidden states (batch, seq, n_embd), to which the loss applies ``lm_head``."""
 
-    def __init__(self, n_layer: int, n_embd: int, n_head: int, seq_len: int, vocab_size: int):
+    def __init__(self, n_layer: int, n_embd: int, n_head: int, seq_len: int, vocab_size: int,
+                 attention: str = "auto", kernels: str = "native"):
         super().__init__()
         if n_embd % n_head:
             raise SpecError(f"workload.n_embd: {n_embd} is not divisible by n_head {n_head}")
         self.seq_len = seq_len
+        self.fused_head = _gpt_kernels.fused_head(kernels)
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(seq_len, n_embd)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, attention, kernels) for _ in range(n_layer))
+        self.ln_f = _gpt_kernels.layer_norm(kernels)(n_embd)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
@@ -98,7 +111,8 @@ class GPT(nn.Module):
         x = self.wte(ids) + self.wpe(pos)
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        return x if self.fused_head else self.lm_head(x)
 
 
 def non_embedding_params(n_layer: int, n_embd: int) -> int:
@@ -161,7 +175,11 @@ def split_tokens(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def validate_params(params: Mapping[str, Any]) -> None:
-    """Check the corpus path and the model shape before launch."""
+    """Check the corpus path, the model shape and that this machine has the kernels asked for, before launch."""
+    for reason in (_gpt_kernels.liger_missing(params.get("kernels") or "native"),
+                   _gpt_kernels.attention_missing(params.get("attention") or "auto")):
+        if reason:
+            raise SpecError(reason)
     corpus = params.get("corpus")
     if corpus is not None:
         path = Path(corpus).expanduser()
@@ -186,7 +204,7 @@ def resolve_size(params: Mapping[str, Any]) -> dict[str, int]:
 
 
 def build(device, seed, size="tiny", corpus=None, corpus_bytes=4_000_000, n_layer=None, n_embd=None, n_head=None,  # noqa: ARG001 (device: the builder protocol's; the trial moves the data)
-          seq_len=None, vocab_size=None):
+          seq_len=None, vocab_size=None, attention="auto", kernels="native"):
     shape = resolve_size({"size": size, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head,
                           "seq_len": seq_len, "vocab_size": vocab_size})
     data = read_corpus(corpus, corpus_bytes)
@@ -198,11 +216,15 @@ def build(device, seed, size="tiny", corpus=None, corpus_bytes=4_000_000, n_laye
     torch.manual_seed(seed)
     student = {**shape, "n_layer": max(1, shape["n_layer"] // 2), "n_embd": shape["n_embd"] // 2,
                "n_head": max(1, shape["n_head"] // 2)}
-    return Workload(name=NAME, model=GPT(**shape), train=TokenSource(train_tokens, t),
+    model = GPT(**shape, attention=attention, kernels=kernels)
+    head = _gpt_kernels.FusedHead(model) if model.fused_head else None
+    return Workload(name=NAME, model=model, train=TokenSource(train_tokens, t),
                     test=TokenSource(test_tokens, t), kinds=KINDS, tokens_per_sample=t,
+                    loss=head.loss if head else cross_entropy, correct=head.correct if head else accuracy_count,
                     flops_per_sample=training_flops_per_sample(**shape), input_shape=(t,),
-                    make_student=lambda: GPT(**student),
-                    info={"corpus": corpus or "python-stdlib", "corpus_bytes": len(data), **shape})
+                    make_student=lambda: GPT(**student, attention=attention, kernels=kernels),
+                    info={"corpus": corpus or "python-stdlib", "corpus_bytes": len(data), **shape,
+                          "attention": attention, "kernels": kernels})
 
 
 @hookimpl
@@ -216,6 +238,60 @@ def harness_declare_workloads():
                 "n_embd": Int(8, 16384, help="model width (overrides the preset)"),
                 "n_head": Int(1, 256, help="attention heads (overrides the preset)"),
                 "seq_len": Int(8, 32768, help="tokens per sample (overrides the preset)"),
-                "vocab_size": Int(256, 262144, help="embedding rows; ids are bytes < 256 (overrides the preset)")},
+                "vocab_size": Int(256, 262144, help="embedding rows; ids are bytes < 256 (overrides the preset)"),
+                "attention": Categorical(tuple(_gpt_kernels.ATTENTION), default="auto",
+                                         help="scaled_dot_product_attention backend (auto: torch picks per call)"),
+                "kernels": Categorical(_gpt_kernels.KERNELS, default="native",
+                                       help="liger: Liger's LayerNorm + fused linear cross-entropy (no logits "
+                                            "tensor), liger-flce: the latter only; CUDA + liger-kernel")},
         description="decoder-only transformer on bytes of a local corpus (default: Python stdlib sources)",
     )]
+
+
+@hookimpl
+def harness_check_combination(spec, env):
+    """What the kernels cannot be combined with, before launch (the driver and the worker's first check)."""
+    p = spec.workload_params
+    kernels, attention = p.get("kernels") or "native", p.get("attention") or "auto"
+    cpu = spec.device == "cpu" or not env.cuda
+    if _gpt_kernels.fused_head(kernels):
+        if cpu:
+            return f"workload.kernels: {kernels!r} runs on CUDA only and this trial runs on the CPU (use native)"
+        if spec.compression.name == "distill":
+            return (f"workload.kernels: {kernels!r} makes the model return hidden states for its fused loss, and "
+                    f"compression 'distill' compares teacher and student logits (use kernels: native)")
+        if spec.compile.name == "cuda-graph":
+            return (f"workload.kernels: {kernels!r}: Liger's fused cross-entropy reads a count back to the host "
+                    f"every step, which CUDA graph capture forbids (use torch-compile)")
+        if spec.parallelism.name == "deepspeed" and spec.parallelism.params.get("stage") == 3:
+            return (f"workload.kernels: {kernels!r}: the fused loss reads the output layer's weight after the "
+                    f"forward pass, where ZeRO-3 has partitioned it again (use stage 0-2, fsdp or kernels: native)")
+    if cpu and attention not in _gpt_kernels.CPU_ATTENTION:
+        return (f"workload.attention: {attention!r} needs CUDA and this trial runs on the CPU "
+                f"(there: {', '.join(_gpt_kernels.CPU_ATTENTION)})")
+    return None
+
+
+@hookimpl
+def harness_trial_start(trial):
+    """Probe the forced attention backend once with the model's head size and the trial's compute dtype: one that
+    cannot run them fails the trial as infeasible in one line, naming those that can, before its first step."""
+    info = trial.workload.info
+    dtype = _gpt_kernels.probe_dtype(trial.precision.compute_dtype)
+    reason = _gpt_kernels.attention_unavailable(info["attention"], trial.device, dtype, info["n_head"],
+                                                info["n_embd"] // info["n_head"], info["seq_len"])
+    if reason:
+        raise TrialFailed("infeasible", reason)
+
+
+@hookimpl(tryfirst=True)  # before a tracker opens the study's run
+def harness_study_start(config):
+    """Refuse, before the first trial, a study that searches kernels or an attention backend this machine can
+    never run (each would otherwise stop the study when Optuna first picks it)."""
+    if config.workload == NAME:
+        for key, check in (("kernels", _gpt_kernels.liger_missing), ("attention", _gpt_kernels.attention_missing)):
+            kind, value = config.workload_space.get(key, ("fixed", None))
+            for choice in value.choices if kind == "dist" else ():
+                reason = check(choice)
+                if reason:
+                    raise SpecError(f"{config.path}: {reason}")
