@@ -125,9 +125,8 @@ def layer_norm(kernels: str) -> Callable[[int], nn.Module]:
     return lambda width: LigerLayerNorm(width, eps=1e-5)
 
 
-@torch.compiler.disable  # Liger's kernels are Triton launches around a host sync: run them as they are
 def _liger_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, smoothing: float,
-                         reduction: str) -> torch.Tensor:
+                               reduction: str) -> torch.Tensor:
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     budget = max(1, -(-weight.shape[0] // (FLCE_CHUNKS * weight.shape[1])))  # logits of 1/FLCE_CHUNKS of the tokens
@@ -151,12 +150,17 @@ class FusedHead:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        # Liger's kernels are Triton launches around a host sync: they run as they are, outside any compiled graph.
+        # Wrapped here, in the trial, not by a decorator: that would import torch._dynamo wherever the plugin loads,
+        # and the import sets TORCHINDUCTOR_CACHE_DIR in the driver, which then takes it for the user's setting and
+        # drops the study's shared compile cache.
+        self._fused_ce = torch.compiler.disable(_liger_cross_entropy)
 
     def loss(self, hidden: torch.Tensor, targets: Targets) -> torch.Tensor:
         """Mean cross-entropy against class indices or :class:`SoftTargets` (label smoothing goes to the kernel's
         ``label_smoothing``; a mixed target is ``lam * CE(a) + (1 - lam) * CE(b)``, as cross-entropy is linear)."""
         weight, hidden = self.model.lm_head.weight, hidden.reshape(-1, hidden.shape[-1])
-        ce = _liger_cross_entropy if torch.is_grad_enabled() and hidden.requires_grad else _chunked_cross_entropy
+        ce = self._fused_ce if torch.is_grad_enabled() and hidden.requires_grad else _chunked_cross_entropy
         if not isinstance(targets, SoftTargets):
             return ce(hidden, weight, targets.flatten(), 0.0, "mean")
         return targets.mix(lambda index, reduction: ce(hidden, weight, index, targets.smoothing, reduction))

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from mlflow_server import mlflow_process
 
-from harness.space import AXES
+from harness.space import techniques_label
 
 pytestmark = pytest.mark.slow
 
@@ -132,7 +132,7 @@ def rendered_rows(driver, ready: Callable[[list[str]], bool], timeout: float = 6
 
 def run_name(record: dict) -> str:
     params = record["params"]
-    return f"#{record['number']} " + " + ".join(params[a] for a in AXES)
+    return f"#{record['number']} " + techniques_label(params)
 
 
 def test_printed_link_opens_the_pareto_front_with_techniques_and_throughput(finished_study, ui, browser):

@@ -4,6 +4,9 @@ loop with real trial processes on CPU slots: n_trials exact, no combination laun
 resume after SIGKILL with several trials running."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -199,3 +202,13 @@ def test_trial_processes_share_the_study_caches_and_bytecode_where_torch_has_non
     monkeypatch.setenv("PYTHONPYCACHEPREFIX", "/mine")
     monkeypatch.setenv("TRITON_CACHE_DIR", "/mine/triton")
     assert slots.cache_env(root) == {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")}, "the user's variables win"
+
+
+def test_loading_every_plugin_leaves_the_compile_cache_variables_alone():
+    # importing torch._dynamo sets TORCHINDUCTOR_CACHE_DIR in the process; a plugin doing so when it loads would make
+    # the driver take it for the user's setting and drop the study's shared cache
+    code = ("import os; from harness.plugins import get_registry; get_registry(); "
+            "print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "None", "a plugin imports torch._dynamo when it loads"
