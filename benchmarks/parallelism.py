@@ -42,9 +42,9 @@ AC = {"name": "activation-checkpointing", "mode": "block"}
 CAPACITY = {
     "single": ({"name": "single"}, 1, "none"),
     "single-ac": ({"name": "single"}, 1, AC),
-    "fsdp-ac": ({"name": "fsdp"}, 2, AC),
+    "fsdp-ac": ({"name": "fsdp", "units": "block"}, 2, AC),
     "zero3-ac": ({"name": "deepspeed", "stage": 3}, 2, AC),
-    "fsdp": ({"name": "fsdp"}, 2, "none"),
+    "fsdp": ({"name": "fsdp", "units": "block"}, 2, "none"),
     "zero3-offload": ({"name": "deepspeed", "stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu",
                        "offload_pin_memory": False}, 1, "none"),  # pinning ~100 GiB of host buffers risks the host
 }

@@ -7,7 +7,7 @@ scaling: the batch per GPU is fixed (16 x 1024 tokens for gpt-124M, 8 x 1024 for
 grows with the GPU count. One GPU runs ``single`` and DeepSpeed ZeRO-2/3 (ddp and fsdp need two processes).
 
     python benchmarks/sharded.py --out results/ --deadline-s 540       # both models, estimate printed first
-    python benchmarks/sharded.py --models gpt-124M --variants ddp,fsdp,fsdp-keep
+    python benchmarks/sharded.py --models gpt-124M --variants ddp,fsdp,fsdp-blocks,fsdp-blocks-keep
     python benchmarks/sharded.py --cpu --models tiny --variants single,fsdp --devices 1,2   # code path on CPU
 
 ``--deadline-s`` stops starting trials after that many seconds (rows so far are printed and written). The trials
@@ -35,21 +35,25 @@ MODELS = {
 }
 FORWARD_LOSS = {"name": "torch-compile"}
 BLOCKS = {"name": "torch-compile", "scope": "blocks"}
-#: the tuned settings: variant -> (parallelism, compile). DDP and single compile forward + loss (Dynamo splits
-#: DDP's graph at its buckets); the sharded engines compile each block in place, outside their hooks.
+#: variant -> (parallelism, compile). DDP, single and ZeRO-2 compile forward + loss (Dynamo splits DDP's graph at
+#: its buckets); FSDP and ZeRO-3 compile each block in place, outside their hooks.
 VARIANTS = {
     "single": ({"name": "single"}, FORWARD_LOSS),
     "ddp": ({"name": "ddp"}, FORWARD_LOSS),
-    "fsdp": ({"name": "fsdp"}, BLOCKS),
-    "fsdp-keep": ({"name": "fsdp", "reshard_after_forward": False}, BLOCKS),
+    "fsdp": ({"name": "fsdp"}, BLOCKS),  # units: model (the default)
     "fsdp-forward-loss": ({"name": "fsdp"}, FORWARD_LOSS),
-    "zero2": ({"name": "deepspeed", "stage": 2}, BLOCKS),
+    "fsdp-blocks": ({"name": "fsdp", "units": "block"}, BLOCKS),
+    "fsdp-blocks-keep": ({"name": "fsdp", "units": "block", "reshard_after_forward": False}, BLOCKS),
+    "zero2": ({"name": "deepspeed", "stage": 2}, FORWARD_LOSS),
     "zero3": ({"name": "deepspeed", "stage": 3}, BLOCKS),
-    "zero2-forward-loss": ({"name": "deepspeed", "stage": 2}, FORWARD_LOSS),
+    "zero2-blocks": ({"name": "deepspeed", "stage": 2}, BLOCKS),
+    # what the plugin's defaults were before the 2 x H200 measurement: overlap, 5e7-element buckets
+    "zero2-overlap": ({"name": "deepspeed", "stage": 2, "overlap_comm": True, "reduce_bucket_size": 5 * 10 ** 7},
+                      FORWARD_LOSS),
 }
-DEFAULT_VARIANTS = "single,ddp,fsdp,zero2,zero3"
+DEFAULT_VARIANTS = "single,ddp,fsdp,fsdp-blocks,zero2,zero3"
 #: variants that run as one process (the others need two)
-ONE_PROCESS = {"single", "zero2", "zero3", "zero2-forward-loss"}
+ONE_PROCESS = {"single", "zero2", "zero3", "zero2-blocks", "zero2-overlap"}
 #: bytes per parameter of model states with Adam and 16-bit training, (replicated, divided by N) (ZeRO paper):
 #: float32 weights, gradients and two moments (16) on every GPU without sharding; ZeRO keeps bfloat16 weights and
 #: gradients besides float32 master weights and moments; FSDP shards float32 weights, gradients and moments.
@@ -75,10 +79,12 @@ def spec_for(model: str, variant: str, devices: int, cpu: bool = False, memory: 
                              "windows": 4, "eval_samples": 4 * devices * (per_gpu_batch or batch)})
 
 
-def plan(models: list[str], variants: list[str], counts: list[int]) -> list[tuple[str, str, int]]:
-    """(model, variant, GPUs) in run order: per model, the one-GPU rows first (the baselines)."""
+def plan(models: list[str], variants: list[str], counts: list[int],
+         one_gpu: set[str] = ONE_PROCESS) -> list[tuple[str, str, int]]:
+    """(model, variant, GPUs) in run order: per model, the one-GPU rows first (the baselines); ``one_gpu`` limits
+    the variants run on one GPU (those that can: ``ONE_PROCESS``)."""
     return [(m, v, n) for m in models for n in sorted(counts) for v in variants
-            if (v in ONE_PROCESS if n == 1 else v != "single")]
+            if (v in ONE_PROCESS & one_gpu if n == 1 else v != "single")]
 
 
 def estimate_s(rows: list[tuple[str, str, int]]) -> float:
@@ -146,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="gpt-124M,gpt-1B", help=f"of {', '.join(MODELS)}")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"of {', '.join(VARIANTS)}")
     ap.add_argument("--devices", default="1,2", help="GPU counts")
+    ap.add_argument("--one-gpu", default=",".join(sorted(ONE_PROCESS)),
+                    help="variants also run on one GPU (of those that can), e.g. single")
     ap.add_argument("--memory", default="none", help="memory technique of every trial, e.g. activation-checkpointing")
     ap.add_argument("--steps", type=int, default=0, help="timed steps (default: the model's)")
     ap.add_argument("--deadline-s", type=float, default=540, help="start no trial after this many seconds")
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     use_cache(Path(args.cache))
-    todo = plan(models, variants, counts)
+    todo = plan(models, variants, counts, set(args.one_gpu.split(",")))
     print(f"{len(todo)} trials, estimated {estimate_s(todo) / 60:.1f} min (deadline {args.deadline_s:.0f} s)",
           flush=True)
     t0, rows = time.monotonic(), []

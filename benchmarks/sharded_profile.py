@@ -32,7 +32,7 @@ from typing import Any
 from harness import hookimpl
 
 PROFILE_DIR_ENV = "HARNESS_PROFILE_DIR"
-DEFAULT_VARIANTS = "single,ddp,fsdp,fsdp-keep,zero2,zero3"
+DEFAULT_VARIANTS = "single,ddp,fsdp,fsdp-blocks,zero2,zero3"
 
 
 # ------------------------------------------------------------------------------------------------ the trace's figures

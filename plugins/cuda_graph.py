@@ -91,7 +91,8 @@ class CapturedTrainStep:
         model, optimizer = self.engine.module, self.engine.optimizer
         self._make_capturable()
         self.static_inputs = inputs.clone()
-        self.static_targets = pytree.tree_map(torch.clone, targets)
+        # None leaves (SoftTargets without a second label) stay None; tensors get static copies
+        self.static_targets = pytree.tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, targets)
         self.static_target_leaves, self.static_target_spec = pytree.tree_flatten(self.static_targets)
         initial = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items() if torch.is_tensor(v)}
         side = torch.cuda.Stream(self.device)
@@ -122,12 +123,14 @@ class CapturedTrainStep:
             self._capture(inputs, targets)
         leaves, spec = pytree.tree_flatten(targets)
         if inputs.shape != self.static_inputs.shape or spec != self.static_target_spec or any(
-                a.shape != b.shape for a, b in zip(leaves, self.static_target_leaves, strict=True)):
+                getattr(a, "shape", a) != getattr(b, "shape", b)
+                for a, b in zip(leaves, self.static_target_leaves, strict=True)):
             raise RuntimeError(f"{NAME}: batch shape {tuple(inputs.shape)} (or its targets' structure) differs from "
                                f"the captured {tuple(self.static_inputs.shape)} (CUDA graphs need static shapes)")
         self.static_inputs.copy_(inputs, non_blocking=True)
         for static, leaf in zip(self.static_target_leaves, leaves, strict=True):
-            static.copy_(leaf, non_blocking=True)
+            if torch.is_tensor(static):
+                static.copy_(leaf, non_blocking=True)
         self.graph.replay()
         if self.engine.scheduler is not None:
             self.engine.scheduler.step()

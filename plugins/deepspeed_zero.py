@@ -19,13 +19,14 @@ The other axes map into DeepSpeed's own settings:
 
 Runs as one process too (ZeRO-3 + offload on one GPU); a process group of one is then created here.
 
-Defaults chosen to be fast on NVLink-connected GPUs, one line each:
+Defaults, one line each (measured on 2 x H200, gpt-124M: docs/benchmarks.md "Sharded training"):
 
-- ``overlap_comm: True``: gradients are reduced on a side stream while the backward pass goes on (DeepSpeed's own
-  default for stage 3; the plugin used to force it off for every stage);
-- ``reduce_bucket_size: 5e7`` elements (100 MB in bfloat16): small enough that a GPT-124M's gradients leave in
-  three buckets during the backward pass, large enough for full link bandwidth (5e8 held all in one bucket, reduced
-  only after the backward pass);
+- ``overlap_comm: auto`` and ``reduce_bucket_size: 5e8`` elements: DeepSpeed's own defaults (overlap off for
+  stages 1-2, on for stage 3; one bucket that holds a GPT-124M's gradients). Overlap on stage 2 with 5e7-element
+  buckets (three reductions during the backward pass) *sounded* faster and was not: 0.55x DDP (blocks compiled)
+  against 0.82x with DeepSpeed's defaults (forward + loss compiled); that profile's GPU sat idle 39 of 86 ms per
+  step, waiting for the host. The two runs differ in the compile scope too: which change mattered how much is
+  not separated yet, so the plugin keeps DeepSpeed's defaults;
 - ``contiguous_gradients`` and ``reduce_scatter`` on (fixed): gradients copied into one buffer as they are reduced,
   by reduce-scatter rather than all-reduce;
 - ``communication_dtype: compute``: reduce in the compute dtype (bfloat16 halves the traffic), DeepSpeed's default;
@@ -41,7 +42,9 @@ Defaults chosen to be fast on NVLink-connected GPUs, one line each:
   stages 1-2 without offload the then unused gradient norm is not computed either (``compute_grad_norm``).
 
 With ``torch-compile`` ``scope: blocks`` each block is compiled in place, which is what DeepSpeed's own
-``engine.compile()`` does to the whole module (``module.compile()``), block by block.
+``engine.compile()`` does to the whole module (``module.compile()``), block by block: stage 3 needs it (its hooks
+gather parameters between the blocks). Stages 0-2 have no hooks in the forward pass, and there the forward + loss
+compiled as one graph (``scope: forward-loss``) ran the faster step above.
 """
 from __future__ import annotations
 
@@ -72,12 +75,13 @@ TECHNIQUE = Technique(
         "optimizer_impl": Categorical(("auto", "torch"), default="auto",
                                       help="auto: DeepSpeed's CPUAdam (offload) / FusedAdam (CUDA) for Adam(W); "
                                            "torch: the optimizer axis's torch optimizer as built"),
-        "reduce_bucket_size": Int(10 ** 6, 10 ** 9, default=5 * 10 ** 7, log=True,
+        "reduce_bucket_size": Int(10 ** 6, 10 ** 9, default=5 * 10 ** 8, log=True,
                                   help="elements per gradient reduce bucket"),
         "allgather_bucket_size": Int(10 ** 6, 10 ** 9, default=5 * 10 ** 8, log=True,
                                      help="elements per parameter all-gather bucket (stages 1-2)"),
-        "overlap_comm": Categorical((True, False), default=True,
-                                    help="overlap gradient reduction with the backward pass"),
+        "overlap_comm": Categorical(("auto", True, False), default="auto",
+                                    help="overlap gradient reduction with the backward pass (auto: DeepSpeed's "
+                                         "default, on for stage 3 only)"),
         "communication_dtype": Categorical(("compute", "float32"), default="compute",
                                            help="dtype of gradient reductions: the compute dtype (bfloat16 "
                                                 "halves the traffic) or float32"),
@@ -134,8 +138,9 @@ def precision_config(precision, device: torch.device) -> tuple[dict, torch.dtype
 def zero_config(p: dict) -> dict:
     """DeepSpeed's ``zero_optimization`` section for the technique's parameters (see the module docstring)."""
     zero = {"stage": p["stage"], "reduce_bucket_size": p["reduce_bucket_size"],
-            "allgather_bucket_size": p["allgather_bucket_size"], "overlap_comm": p["overlap_comm"],
-            "contiguous_gradients": True, "reduce_scatter": True}
+            "allgather_bucket_size": p["allgather_bucket_size"], "contiguous_gradients": True, "reduce_scatter": True}
+    if p["overlap_comm"] != "auto":
+        zero["overlap_comm"] = p["overlap_comm"]
     if p["stage"] == 3:
         zero.update(stage3_prefetch_bucket_size=p["stage3_prefetch_bucket_size"],
                     stage3_param_persistence_threshold=p["stage3_param_persistence_threshold"],

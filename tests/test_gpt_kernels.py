@@ -247,8 +247,8 @@ def test_fp8_recipes_build_and_train_on_gpt(recipe):
     pytest.importorskip("torchao")
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs compute capability 8.9")
-    result = run_one_trial(**GPU_GPT, workload_params=GPU_SHAPE, compile="torch-compile",
-                           precision={"name": "fp8", "recipe": recipe})
+    result = run_one_trial(**{**GPU_GPT, "precision": {"name": "fp8", "recipe": recipe}}, workload_params=GPU_SHAPE,
+                           compile="torch-compile")
     assert result.ok, result.message
     assert result.metrics["fp8_linear_layers"] >= 4 * GPU_SHAPE["n_layer"]
 

@@ -44,8 +44,9 @@ def nccl_env(monkeypatch):
 @pytest.mark.usefixtures("nccl_env")
 def test_fsdp_with_per_block_compile_matches_eager_fsdp(tmp_path):
     two_gpus()
-    eager = trial(tmp_path, "eager", parallelism="fsdp", devices=2)
-    compiled = trial(tmp_path, "blocks", parallelism={"name": "fsdp", "prefetch": 2}, compile=BLOCKS, devices=2)
+    eager = trial(tmp_path, "eager", parallelism={"name": "fsdp", "units": "block"}, devices=2)
+    compiled = trial(tmp_path, "blocks", parallelism={"name": "fsdp", "units": "block", "prefetch": 2}, compile=BLOCKS,
+                     devices=2)
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=BF16_REL)
     assert compiled["val_loss"] < 0.8 * torch.log(torch.tensor(256.0)).item()  # it trained (chance: ln 256)
 

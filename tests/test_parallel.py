@@ -95,7 +95,8 @@ def single_process_checkpointed_gpt(tmp_path_factory):
     {"name": "deepspeed", "stage": 2},
     {"name": "deepspeed", "stage": 3},
     {"name": "fsdp"},
-], ids=["ddp", "ddp-accumulation", "zero1", "zero2", "zero3", "fsdp"])
+    {"name": "fsdp", "units": "block"},
+], ids=["ddp", "ddp-accumulation", "zero1", "zero2", "zero3", "fsdp", "fsdp-blocks"])
 def test_two_process_trial_matches_single_process_loss(parallelism, single_process_result, tmp_path):
     result = launch(spec_for(parallelism, 2), tmp_path / "trial", LaunchOptions(timeout_s=180))
 
@@ -112,10 +113,11 @@ def test_two_process_trial_matches_single_process_loss(parallelism, single_proce
 @pytest.mark.parametrize("parallelism", [
     {"name": "ddp"},
     {"name": "fsdp"},
-    {"name": "fsdp", "reshard_after_forward": False, "prefetch": 2},
+    {"name": "fsdp", "units": "block"},
+    {"name": "fsdp", "units": "block", "reshard_after_forward": False, "prefetch": 2},
     {"name": "deepspeed", "stage": 2},
     {"name": "deepspeed", "stage": 3},
-], ids=["ddp", "fsdp", "fsdp-keep-prefetch2", "zero2", "zero3"])
+], ids=["ddp", "fsdp", "fsdp-blocks", "fsdp-blocks-keep-prefetch2", "zero2", "zero3"])
 def test_two_process_checkpointed_gpt_matches_single_process_loss(parallelism, single_process_checkpointed_gpt,
                                                                    tmp_path):
     # gpt tiny at seq 64: the first 320 held-out windows are 20,480 tokens, the same on 1 and 2 ranks

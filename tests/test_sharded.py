@@ -1,7 +1,8 @@
 """Block-wise techniques on the CPU: the repeated-blocks contract, activation checkpointing (exact in float32, fewer
-saved activations, parameter names and identity kept), ``torch-compile`` with ``scope: blocks``, FSDP's rebuilt
-fused AdamW on DTensor parameters and DeepSpeed trained like the other engines. The 1- vs 2-process agreement of
-every parallelism technique with activation checkpointing is in ``test_parallel.py``."""
+saved activations, parameter names and identity kept), ``torch-compile`` with ``scope: blocks``, FSDP's fused
+AdamW on the sharded parameters' local shards, DeepSpeed's defaults and DeepSpeed trained like the other engines.
+The 1- vs 2-process agreement of every parallelism technique with activation checkpointing is in
+``test_parallel.py``."""
 from __future__ import annotations
 
 import copy
@@ -200,7 +201,8 @@ def one_process_group():
 
 
 @pytest.mark.usefixtures("one_process_group")
-def test_fsdp_rebuilds_a_fused_adamw_that_runs_fused_on_the_sharded_parameters(registry):
+@pytest.mark.parametrize("units", ["block", "model"])
+def test_fsdp_steps_a_fused_adamw_on_the_local_shards_and_updates_the_sharded_parameters(registry, units):
     from torch.distributed.tensor import DTensor
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -213,8 +215,8 @@ def test_fsdp_rebuilds_a_fused_adamw_that_runs_fused_on_the_sharded_parameters(r
             self.ops.add(str(func))
             return func(*args, **(kwargs or {}))
 
-    spec = make_spec(registry=registry, parallelism="fsdp", optimizer={"name": "adamw", "implementation": "fused"},
-                     **GPT_TINY)
+    spec = make_spec(registry=registry, parallelism={"name": "fsdp", "units": units},
+                     optimizer={"name": "adamw", "implementation": "fused"}, **GPT_TINY)
     model, workload = gpt_model(registry)
     names = [n for n, _ in model.named_parameters()]
     optimizer = registry.hooks.build_optimizer(params=list(model.parameters()), spec=spec, device=CPU)
@@ -222,12 +224,23 @@ def test_fsdp_rebuilds_a_fused_adamw_that_runs_fused_on_the_sharded_parameters(r
     engine = registry.hooks.build_engine(model=model, optimizer=optimizer, precision=precision, spec=spec,
                                          device=CPU, dist=DistInfo())
     assert [n for n, _ in model.named_parameters()] == names
-    assert all(isinstance(p, DTensor) for p in engine.optimizer.param_groups[0]["params"])
-    ids = next(workload.train.train_batches(4, 0))[0]
-    engine.backward(model(ids).float().logsumexp(-1).mean())
-    with Ops() as seen:
-        engine.step()
-    assert "aten._fused_adamw_.default" in seen.ops  # not a silent fall-back to the for-each or loop kernels
+    sharded = list(model.parameters())
+    assert all(isinstance(p, DTensor) for p in sharded)
+    blocks_sharded = [type(b).__name__.startswith("FSDP") for b in repeated_blocks(model)]
+    assert blocks_sharded == [units == "block"] * 4
+    local = engine.optimizer.param_groups[0]["params"]
+    assert not any(isinstance(p, DTensor) for p in local) and len(local) == len(sharded)
+    batches = workload.train.train_batches(4, 0)
+    for _ in range(2):
+        before = [p.to_local().clone() for p in sharded]
+        engine.backward(model(next(batches)[0]).float().logsumexp(-1).mean())
+        with Ops() as seen:
+            engine.step()
+        assert "aten._fused_adamw_.default" in seen.ops  # not a silent fall-back to the for-each or loop kernels
+        # the optimizer's steps land in the parameters FSDP all-gathers, and no gradient is left to accumulate into
+        assert all(not torch.equal(b, p.to_local()) for b, p in zip(before, sharded, strict=True) if b.numel())
+        assert all(p.grad is None for p in sharded) and all(p.grad is None for p in local)
+    assert all(int(engine.optimizer.state[p]["step"]) == 2 for p in engine.optimizer.param_groups[0]["params"])
 
 
 def test_deepspeed_trains_a_gpt_exactly_like_single_device_training(monkeypatch):
@@ -251,3 +264,17 @@ def test_zero3_makes_each_repeated_block_a_leaf_module(registry, monkeypatch):
     model, _ = gpt_model(registry)
     assert mark_leaf_blocks(model) == 4
     assert [m for m in model.modules() if z3_leaf_module(m)] == list(model.blocks)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_defaults_are_deepspeeds_own_for_overlap_and_buckets_and_explicit_values_pass(registry, stage):
+    # measured on 2 x H200 (docs/benchmarks.md): overlap + 5e7-element buckets made ZeRO-2 slower than DeepSpeed's
+    # own defaults, so the plugin leaves overlap_comm to DeepSpeed (off for stages 1-2, on for 3) and keeps 5e8
+    pytest.importorskip("deepspeed")
+    from plugins.deepspeed_zero import zero_config
+
+    params = make_spec(registry=registry, parallelism={"name": "deepspeed", "stage": stage}).parallelism.params
+    zero = zero_config(params)
+    assert "overlap_comm" not in zero and zero["reduce_bucket_size"] == 5 * 10 ** 8
+    for overlap in (True, False):
+        assert zero_config({**params, "overlap_comm": overlap})["overlap_comm"] is overlap
