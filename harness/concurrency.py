@@ -9,6 +9,7 @@ and alone. Ctrl-C kills every slot's trial; each is recorded as interrupted and 
 """
 from __future__ import annotations
 
+import abc
 import threading
 import time
 import warnings
@@ -30,8 +31,10 @@ if TYPE_CHECKING:
     from harness.studyfile import StudyConfig
 
 
-class SlotLoop:
-    """The concurrent loop of :class:`~harness.driver.StudyDriver` (see the module docstring)."""
+class SlotLoop(abc.ABC):
+    """The concurrent loop of :class:`~harness.driver.StudyDriver` (see the module docstring). The driver gives it
+    the attributes below and the abstract methods (its study, one trial's run, the bookkeeping after a trial, the
+    baseline's re-measurement and the status line)."""
 
     config: StudyConfig
     registry: Registry
@@ -46,20 +49,25 @@ class SlotLoop:
     _lock: threading.Lock
 
     @property
+    @abc.abstractmethod
     def study(self) -> optuna.Study:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def run_trial(self, trial: optuna.Trial, spec: TrialSpec | None = None) -> TrialRecord:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _after(self, record: TrialRecord) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def remeasure_baseline(self) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _status(self, current: str, refresh: bool = True) -> None:
-        raise NotImplementedError
+        ...
 
     # ------------------------------------------------------------------ shared with the sequential loop
     def _finished(self, t0: float, counts: dict[str, int]) -> bool:

@@ -400,4 +400,15 @@ def trial_from_mapping(where: str, data: Any, registry: Registry) -> TrialSpec:
         name, wparams = parse_choice(f"{where}.workload", data["workload"])
         spec.workload = name
         spec.workload_params = registry.validate_workload(f"{where}.workload", name, wparams)
+        declared = registry.workload_params(name)
+        needs = [k for k, v in spec.workload_params.items() if getattr(declared.get(k), "requires", {}).get(v)]
+        if needs:  # a value this machine can never run (its declared requirements): one line now, not a trial
+            from harness.space import Environment, unavailable_choice
+
+            env = Environment.detect()
+            for key in needs:
+                why = unavailable_choice(declared[key], f"{where}.workload.{key}", spec.workload_params[key], env,
+                                         spec.device, "this machine")
+                if why:
+                    raise SpecError(why)
     return fill_defaults(spec, registry)

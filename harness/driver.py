@@ -114,7 +114,8 @@ class StudyDriver(SlotLoop):
             if self._study.user_attrs.get(key) != value:
                 self._study.set_user_attr(key, value)
         # Techniques this machine can never run leave the space (and the sampler) before the first trial.
-        unavailable = feasibility.unavailable_techniques(cfg, self.registry, self.env)
+        unavailable = {**feasibility.unavailable_techniques(cfg, self.registry, self.env),
+                       **feasibility.unavailable_choices(cfg, self.registry, self.env)}
         self.config, self.start_lines = feasibility.narrow_space(cfg, unavailable,
                                                                  feasibility.stored_choices(self._study))
         self.pool = self.slot_pool()
@@ -133,7 +134,8 @@ class StudyDriver(SlotLoop):
         if spec.device == "cuda" and not self.env.cuda:
             return "device: 'cuda' requested but this machine has no CUDA GPU"
         kinds = self.registry.workload_kinds(spec.workload)
-        reason = (infeasible_reason(spec, self.registry.techniques, self.env, kinds)
+        reason = (infeasible_reason(spec, self.registry.techniques, self.env, kinds,
+                                    self.registry.workload_params(spec.workload))
                   or self.registry.hooks.check_combination(spec=spec, env=self.env, workload_kinds=kinds))
         if reason:
             return reason

@@ -16,10 +16,10 @@ import copy
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import SpecError
-from harness.space import AXES, Environment, unavailable_reason
+from harness.space import AXES, Environment, unavailable_choice, unavailable_reason
 
 if TYPE_CHECKING:
     import optuna
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from harness.config import TrialSpec
     from harness.outcomes import TrialRecord
     from harness.plugins import Registry
-    from harness.studyfile import StudyConfig
+    from harness.studyfile import SpaceEntry, StudyConfig
 
 #: failure classes that say something about a technique (not about a budget, a learning rate or a batch size).
 VETO_CLASSES = ("crashed", "plugin-error", "compile-error")
@@ -53,37 +53,86 @@ def unavailable_techniques(cfg: StudyConfig, registry: Registry, env: Environmen
     return out
 
 
-def stored_choices(study: optuna.Study) -> dict[str, list[str]]:
-    """The technique choices each axis had in the study's earlier trials (a study shared with other machines or
-    resumed): Optuna does not let a categorical parameter change its choices within a study."""
-    seen: dict[str, list[str]] = {}
+def parameters(cfg: StudyConfig) -> dict[str, SpaceEntry]:
+    """Every parameter of the study's space by its Optuna name: ``workload.KEY`` and ``AXIS.TECHNIQUE.KEY``."""
+    out = {f"workload.{k}": e for k, e in cfg.workload_space.items()}
+    for axis, techniques in cfg.axes.items():
+        for name, space in techniques.items():
+            out.update({f"{axis}.{name}.{k}": e for k, e in (space or {}).items()})
+    return out
+
+
+def choice_lists(cfg: StudyConfig) -> dict[str, Sequence[Any]]:
+    """The values each categorical or fixed parameter of the study's space can take (by its Optuna name)."""
+    return {name: value.choices if kind == "dist" else (value,) for name, (kind, value) in parameters(cfg).items()
+            if kind != "dist" or hasattr(value, "choices")}
+
+
+def declaration(name: str, cfg: StudyConfig, registry: Registry) -> Any:
+    """The declared parameter behind the Optuna name ``name`` (see :func:`parameters`), or None."""
+    head, _, key = name.rpartition(".")
+    if head == "workload":
+        return registry.workload_params(cfg.workload).get(key)
+    tech = registry.techniques.get(tuple(head.split(".", 1)))  # type: ignore[arg-type]
+    return tech.space.get(key) if tech else None
+
+
+def unavailable_choices(cfg: StudyConfig, registry: Registry, env: Environment) -> dict[tuple[str, Any], str]:
+    """``(parameter, value) -> why`` for every value of a parameter (``workload.KEY``, ``AXIS.TECHNIQUE.KEY``) the
+    study searches or fixes that this machine can never run (the parameter's declared per-choice requirements)."""
+    out = {}
+    for name, choices in choice_lists(cfg).items():
+        param = declaration(name, cfg, registry)
+        for choice in choices:
+            reason = unavailable_choice(param, name, choice, env, cfg.device, "this machine")
+            if reason:
+                out[(name, choice)] = reason
+    return out
+
+
+def stored_choices(study: optuna.Study) -> dict[str, list[Any]]:
+    """The choices each axis (technique names) and each categorical parameter had in the study's earlier trials
+    (a study shared with other machines or resumed): Optuna does not let a categorical parameter change its
+    choices within a study."""
+    seen: dict[str, list[Any]] = {}
     for t in study.get_trials(deepcopy=False):
-        for axis in AXES:
-            dist = t.distributions.get(axis)
-            if axis not in seen and dist is not None and hasattr(dist, "choices"):
-                seen[axis] = [str(c) for c in dist.choices]
+        for name, dist in t.distributions.items():
+            if name not in seen and (name in AXES or "." in name) and hasattr(dist, "choices"):
+                seen[name] = [str(c) for c in dist.choices] if name in AXES else list(dist.choices)
     return seen
 
 
-def narrow_space(cfg: StudyConfig, unavailable: Mapping[tuple[str, str], str],
-                 earlier: Mapping[str, Sequence[str]] | None = None) -> tuple[StudyConfig, list[str]]:
-    """``cfg`` without the ``unavailable`` techniques, and one line per technique left out (or kept because
-    the study's earlier trials searched it). An axis left with nothing is a :class:`SpecError`."""
+def narrow_space(cfg: StudyConfig, unavailable: Mapping[tuple[str, Any], str],
+                 earlier: Mapping[str, Sequence[Any]] | None = None) -> tuple[StudyConfig, list[str]]:
+    """``cfg`` without the ``unavailable`` techniques (``(axis, name)``) and parameter values (``(parameter,
+    value)``, :func:`unavailable_choices`), and one line per choice left out (or kept because the study's earlier
+    trials searched it). An axis or parameter left with nothing is a :class:`SpecError`."""
     narrowed, lines = copy.deepcopy(cfg), list[str]()
-    for axis, techniques in cfg.axes.items():
-        gone = {name: unavailable[(axis, name)] for name in techniques if (axis, name) in unavailable}
-        if not gone:
+    spaces: dict[str, Sequence[Any]] = {axis: list(techniques) for axis, techniques in cfg.axes.items()}
+    entries = parameters(cfg)
+    spaces.update(choice_lists(cfg))
+    for name, choices in spaces.items():
+        gone = {c: unavailable[(name, c)] for c in choices if (name, c) in unavailable}
+        head, _, key = name.rpartition(".")
+        space = narrowed.workload_space if head == "workload" else (
+            narrowed.axes[head.split(".")[0]].get(head.split(".", 1)[-1]) if head else None)
+        if not gone or (head and space is None):  # nothing to leave out, or its technique left already
             continue
-        kept = [name for name in techniques if name not in gone]
+        kept = [c for c in choices if c not in gone]
+        where = f"axes.{name}" if name in AXES else name
         if not kept:
             why = "; ".join(gone.values())
-            raise SpecError(f"{cfg.path}.axes.{axis}: no technique can run on this machine ({why})")
-        before = list((earlier or {}).get(axis, ()))
+            raise SpecError(f"{cfg.path}.{where}: {'no technique' if name in AXES else 'no value'} can run on this "
+                            f"machine ({why})")
+        before = list((earlier or {}).get(name, ()))
         if before and before != kept:
-            lines.extend(f"keeping {axis} {name!r} in the space (this study's earlier trials searched it) but "
-                         f"every trial choosing it is ruled out here: {why}" for name, why in gone.items())
+            lines.extend(f"keeping {name} {c!r} in the space (this study's earlier trials searched it) but "
+                         f"every trial choosing it is ruled out here: {why}" for c, why in gone.items())
             continue
-        narrowed.axes[axis] = {name: techniques[name] for name in kept}
+        if name in AXES:
+            narrowed.axes[name] = {t: cfg.axes[name][t] for t in kept}
+        elif space is not None:
+            space[key] = ("fixed", kept[0]) if len(kept) == 1 else ("dist", type(entries[name][1])(tuple(kept)))
         lines.extend(f"left out of the search space: {why}" for why in gone.values())
     return narrowed, lines
 

@@ -299,6 +299,13 @@ class Registry:
         except SpecError:
             return ()
 
+    def workload_params(self, name: str) -> Mapping[str, Any]:
+        """The parameter declarations of workload ``name`` (none for a bring-your-own builder)."""
+        try:
+            return {} if ":" in name else self.workload_info("workload", name).params
+        except SpecError:
+            return {}
+
 
 def hook_names() -> list[str]:
     """Every hook name of the contract (:mod:`harness.hookspecs`)."""

@@ -92,11 +92,17 @@ class Int:
 
 @dataclass(frozen=True)
 class Categorical:
-    """A parameter taking one of ``choices`` (strings, numbers, booleans or None)."""
+    """A parameter taking one of ``choices`` (strings, numbers, booleans or None).
+
+    ``requires`` says what a choice needs from the machine (CUDA, compute capability, packages), for choices that
+    need more than the rest: a study drops the choices this machine can never run from its search space when it
+    starts (one line each), and a trial that fixes one is ruled out before launch.
+    """
 
     choices: tuple
     default: Any = None
     help: str = ""
+    requires: Mapping[Any, Requirements] = field(default_factory=dict, compare=False)
 
     def validate(self, where: str, value: Any) -> Any:
         for choice in self.choices:
@@ -131,7 +137,8 @@ class Requirements:
     max_devices: int | None = None
     #: importable module names, e.g. ``("deepspeed",)``.
     packages: tuple[str, ...] = ()
-    #: workload kinds the technique applies to (e.g. ``("conv",)``); empty means any.
+    #: workload kinds the technique applies to, any of them (e.g. ``("classification", "lm")``); a ``+`` joins
+    #: kinds needed together (``("image+classification",)``); empty means any.
     workload_kinds: tuple[str, ...] = ()
 
 
@@ -213,7 +220,20 @@ def unavailable_reason(tech: Technique, env: Environment, device: str = "auto",
     It says nothing of a trial's other choices (process count, workload, other techniques): that is
     :func:`infeasible_reason`. ``where`` names what lacks CUDA (``this trial``, ``this machine``).
     """
-    req, label = tech.requires, f"{tech.axis} technique {tech.name!r}"
+    return unmet_requirements(tech.requires, f"{tech.axis} technique {tech.name!r}", env, device, where)
+
+
+def unavailable_choice(param: Any, label: str, value: Any, env: Environment, device: str = "auto",
+                       where: str = "this trial") -> str | None:
+    """Why ``env`` can never run ``value`` of a :class:`Categorical` parameter (its ``requires``), or None;
+    ``label`` names the parameter (``workload.kernels``)."""
+    req = getattr(param, "requires", {}).get(value) if isinstance(param, Categorical) else None
+    return unmet_requirements(req, f"{label} {value!r}", env, device, where) if req else None
+
+
+def unmet_requirements(req: Requirements, label: str, env: Environment, device: str, where: str) -> str | None:
+    """The first of ``req``'s CUDA, compute-capability and package requirements ``env`` does not meet, said of
+    ``label`` (one sentence), or None."""
     if req.cuda and not (device in ("cuda", "auto") and env.cuda):
         return f"{label} requires CUDA, which {where} does not have"
     if req.min_compute_capability and (
@@ -229,8 +249,14 @@ def unavailable_reason(tech: Technique, env: Environment, device: str = "auto",
 
 
 def infeasible_reason(spec, techniques: Mapping[tuple[str, str], Technique], env: Environment,
-                      workload_kinds: Iterable[str] = ()) -> str | None:
-    """Return why ``spec`` cannot run here (one sentence), or None when every declaration is satisfied."""
+                      workload_kinds: Iterable[str] = (), workload_params: Mapping[str, Any] | None = None
+                      ) -> str | None:
+    """Return why ``spec`` cannot run here (one sentence), or None when every declaration is satisfied;
+    ``workload_params`` are the workload's parameter declarations (their choices' requirements)."""
+    for key, value in getattr(spec, "workload_params", {}).items():
+        reason = unavailable_choice((workload_params or {}).get(key), f"workload.{key}", value, env, spec.device)
+        if reason:
+            return reason
     kinds = set(workload_kinds)
     chosen = {axis: getattr(spec, axis).name for axis in AXES}
     for axis in AXES:
@@ -238,14 +264,16 @@ def infeasible_reason(spec, techniques: Mapping[tuple[str, str], Technique], env
         if tech is None:
             return f"{axis}: unknown technique {shown(chosen[axis])}"
         req, label = tech.requires, f"{axis} technique {tech.name!r}"
-        machine = unavailable_reason(tech, env, spec.device)
+        machine = unavailable_reason(tech, env, spec.device) or next(filter(None, (
+            unavailable_choice(tech.space.get(k), f"{axis}.{k}", v, env, spec.device)
+            for k, v in getattr(spec, axis).params.items())), None)
         if machine:
             return machine
         if spec.devices < req.min_devices:
             return f"{label} requires at least {req.min_devices} processes (devices: {spec.devices})"
         if req.max_devices is not None and spec.devices > req.max_devices:
             return f"{label} runs on at most {req.max_devices} process(es) (devices: {spec.devices})"
-        if req.workload_kinds and not kinds.intersection(req.workload_kinds):
+        if req.workload_kinds and not any(set(group.split("+")) <= kinds for group in req.workload_kinds):
             return (f"{label} applies to {'/'.join(req.workload_kinds)} workloads; "
                     f"workload {spec.workload!r} is {'/'.join(sorted(kinds)) or 'of no declared kind'}")
         for rule, why in tech.incompatibilities().items():

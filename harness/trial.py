@@ -210,7 +210,8 @@ class Trial:
         plugin taking part gives (``harness_check_combination``); None when it can."""
         env = Environment.detect()
         kinds = self._registry.workload_kinds(self.spec.workload)
-        reason = infeasible_reason(self.spec, self._registry.techniques, env, kinds)
+        reason = infeasible_reason(self.spec, self._registry.techniques, env, kinds,
+                                   self._registry.workload_params(self.spec.workload))
         return reason or self._hooks.check_combination(spec=self.spec, env=env, workload_kinds=kinds)
 
     def planned_steps(self) -> int:

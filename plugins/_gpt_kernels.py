@@ -8,7 +8,6 @@ in chunks of tokens, so held-out figures mean the same whatever the kernels.
 """
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from collections.abc import Callable
 
@@ -39,33 +38,6 @@ FLCE_CHUNKS = 8
 def fused_head(kernels: str) -> bool:
     """Whether the model returns hidden states and the loss applies the output layer (Liger's FLCE)."""
     return kernels != "native"
-
-
-def liger_missing(kernels: str) -> str | None:
-    """Why this machine cannot run ``kernels`` at all (no CUDA GPU, no ``liger-kernel``), or None."""
-    if kernels == "native":
-        return None
-    lacks = [what for what, ok in (("no CUDA GPU", torch.cuda.is_available()),
-                                   ("no liger-kernel package", _has("liger_kernel") and _has("triton"))) if not ok]
-    if not lacks:
-        return None
-    return (f"workload.kernels: {kernels!r} needs a CUDA GPU and the liger-kernel package, and this machine has "
-            f"{' and '.join(lacks)} (use kernels: native)")
-
-
-def attention_missing(attention: str) -> str | None:
-    """Why this machine cannot run the ``attention`` backend at all (efficient and cudnn need CUDA), or None."""
-    if attention in CPU_ATTENTION or torch.cuda.is_available():
-        return None
-    return (f"workload.attention: {attention!r} needs a CUDA GPU and this machine has none "
-            f"(on the CPU: {', '.join(CPU_ATTENTION)})")
-
-
-def _has(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 # ------------------------------------------------------------------------------------------------ attention

@@ -20,7 +20,7 @@ TECHNIQUE = Technique(
     axis="data", name="cutmix",
     space={"alpha": Float(0.1, 2.0, default=1.0, log=True,
                           help="Beta(alpha, alpha) of the area kept from each image")},
-    requires=Requirements(workload_kinds=("image",)),
+    requires=Requirements(workload_kinds=("image+classification",)),
     description="CutMix: a box pasted from another image, targets mixed by its area",
 )
 
@@ -59,14 +59,6 @@ class CutMix:
 @hookimpl
 def harness_declare_techniques():
     return [TECHNIQUE]
-
-
-@hookimpl
-def harness_check_combination(spec, workload_kinds):
-    if "classification" not in workload_kinds:
-        return (f"data technique 'cutmix' mixes class targets; workload {spec.workload!r} is not a classification "
-                f"workload ({'/'.join(workload_kinds) or 'of no declared kind'})")
-    return None
 
 
 @hookimpl

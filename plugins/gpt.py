@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from harness import hookimpl
 from harness.errors import SpecError, TrialFailed
-from harness.space import Categorical, Int
+from harness.space import Categorical, Int, Requirements
 from harness.workload import Text, TokenSource, Workload, WorkloadInfo, accuracy_count, cross_entropy
 from plugins import _gpt_kernels
 
@@ -175,11 +175,8 @@ def split_tokens(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def validate_params(params: Mapping[str, Any]) -> None:
-    """Check the corpus path, the model shape and that this machine has the kernels asked for, before launch."""
-    for reason in (_gpt_kernels.liger_missing(params.get("kernels") or "native"),
-                   _gpt_kernels.attention_missing(params.get("attention") or "auto")):
-        if reason:
-            raise SpecError(reason)
+    """Check the corpus path and the model shape before launch (what the attention backends and kernels need from
+    the machine is declared with their parameters)."""
     corpus = params.get("corpus")
     if corpus is not None:
         path = Path(corpus).expanduser()
@@ -240,23 +237,23 @@ def harness_declare_workloads():
                 "seq_len": Int(8, 32768, help="tokens per sample (overrides the preset)"),
                 "vocab_size": Int(256, 262144, help="embedding rows; ids are bytes < 256 (overrides the preset)"),
                 "attention": Categorical(tuple(_gpt_kernels.ATTENTION), default="auto",
-                                         help="scaled_dot_product_attention backend (auto: torch picks per call)"),
+                                         help="scaled_dot_product_attention backend (auto: torch picks per call)",
+                                         requires={a: Requirements(cuda=True) for a in ("efficient", "cudnn")}),
                 "kernels": Categorical(_gpt_kernels.KERNELS, default="native",
                                        help="liger: Liger's LayerNorm + fused linear cross-entropy (no logits "
-                                            "tensor), liger-flce: the latter only; CUDA + liger-kernel")},
+                                            "tensor), liger-flce: the latter only; CUDA + liger-kernel",
+                                       requires={k: Requirements(cuda=True, packages=("liger_kernel", "triton"))
+                                                 for k in ("liger", "liger-flce")})},
         description="decoder-only transformer on bytes of a local corpus (default: Python stdlib sources)",
     )]
 
 
 @hookimpl
-def harness_check_combination(spec, env):
+def harness_check_combination(spec):
     """What the kernels cannot be combined with, before launch (the driver and the worker's first check)."""
     p = spec.workload_params
-    kernels, attention = p.get("kernels") or "native", p.get("attention") or "auto"
-    cpu = spec.device == "cpu" or not env.cuda
+    kernels = p.get("kernels") or "native"
     if _gpt_kernels.fused_head(kernels):
-        if cpu:
-            return f"workload.kernels: {kernels!r} runs on CUDA only and this trial runs on the CPU (use native)"
         if spec.compression.name == "distill":
             return (f"workload.kernels: {kernels!r} makes the model return hidden states for its fused loss, and "
                     f"compression 'distill' compares teacher and student logits (use kernels: native)")
@@ -266,9 +263,6 @@ def harness_check_combination(spec, env):
         if spec.parallelism.name == "deepspeed" and spec.parallelism.params.get("stage") == 3:
             return (f"workload.kernels: {kernels!r}: the fused loss reads the output layer's weight after the "
                     f"forward pass, where ZeRO-3 has partitioned it again (use stage 0-2, fsdp or kernels: native)")
-    if cpu and attention not in _gpt_kernels.CPU_ATTENTION:
-        return (f"workload.attention: {attention!r} needs CUDA and this trial runs on the CPU "
-                f"(there: {', '.join(_gpt_kernels.CPU_ATTENTION)})")
     return None
 
 
@@ -283,15 +277,3 @@ def harness_trial_start(trial):
     if reason:
         raise TrialFailed("infeasible", reason)
 
-
-@hookimpl(tryfirst=True)  # before a tracker opens the study's run
-def harness_study_start(config):
-    """Refuse, before the first trial, a study that searches kernels or an attention backend this machine can
-    never run (each would otherwise stop the study when Optuna first picks it)."""
-    if config.workload == NAME:
-        for key, check in (("kernels", _gpt_kernels.liger_missing), ("attention", _gpt_kernels.attention_missing)):
-            kind, value = config.workload_space.get(key, ("fixed", None))
-            for choice in value.choices if kind == "dist" else ():
-                reason = check(choice)
-                if reason:
-                    raise SpecError(f"{config.path}: {reason}")

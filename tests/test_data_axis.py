@@ -241,8 +241,9 @@ def test_torch_compile_trains_on_soft_targets_on_gpu(name):
 
 @pytest.mark.parametrize("name, workload, words", [
     ("mixup", "gpt", "data technique 'mixup' applies to classification workloads; workload 'gpt' is lm/transformer"),
-    ("cutmix", "gpt", "data technique 'cutmix' applies to image workloads; workload 'gpt' is lm/transformer"),
-    ("cutmix", "harness.testing:tiny_workload", "data technique 'cutmix' applies to image workloads"),
+    ("cutmix", "gpt", "data technique 'cutmix' applies to image+classification workloads; workload 'gpt' is "
+                      "lm/transformer"),
+    ("cutmix", "harness.testing:tiny_workload", "data technique 'cutmix' applies to image+classification workloads"),
     ("label-smoothing", "byo_workload:two_moons", "data technique 'label-smoothing' applies to classification/lm "
                                                   "workloads; workload 'byo_workload:two_moons' is mlp"),
 ])
@@ -252,10 +253,15 @@ def test_a_data_technique_is_ruled_out_in_one_line_on_a_workload_it_cannot_handl
     assert "\n" not in result.message
 
 
-def test_cutmix_is_ruled_out_for_images_that_are_not_classified(registry):
-    spec = make_spec(registry=registry, data="cutmix")
-    reason = registry.hooks.check_combination(spec=spec, env=Environment.detect(), workload_kinds=("image",))
-    assert reason and "not a classification workload" in reason
+def test_kinds_joined_by_plus_are_needed_together(registry):
+    from harness.space import infeasible_reason
+
+    spec = make_spec(registry=registry, data="cutmix")  # cutmix declares ("image+classification",)
+    for kinds, ok in ((("image", "classification", "conv"), True), (("image", "conv"), False),
+                      (("classification", "mlp"), False)):
+        reason = infeasible_reason(spec, registry.techniques, Environment.detect(), kinds)
+        assert (reason is None) == ok, (kinds, reason)
+        assert ok or "data technique 'cutmix' applies to image+classification workloads" in reason
 
 
 class ZeroLabels:

@@ -9,6 +9,7 @@ import pytest
 from test_study import adamw, load, run_cli, study_file
 
 from harness import feasibility, storage
+from harness.errors import SpecError
 from harness.outcomes import TrialRecord
 from harness.studyfile import StudyConfig
 
@@ -174,3 +175,29 @@ def test_an_uncompressed_trial_reports_its_model_size_when_the_study_asks_for_it
     assert rec["state"] == "COMPLETE" and rec["params"]["compression"] == "none"
     assert rec["spec"]["tags"]["wanted_metrics"] == ["model_size_bytes", "throughput_samples_per_s"]
     assert rec["metrics"]["model_size_bytes"] > 0 and rec["values"][1] == rec["metrics"]["model_size_bytes"]
+
+
+def test_workload_values_this_machine_cannot_run_leave_the_space_and_earlier_searches_keep_them(registry):
+    from harness.space import Environment
+
+    cpu = Environment(cuda=False, device_count=0, compute_capability=None, device_name="cpu")
+    cfg = StudyConfig.from_mapping("s.yaml", {"workload": {"name": "gpt", "size": "tiny",
+                                                           "kernels": ["native", "liger"],
+                                                           "attention": ["math", "flash", "cudnn"]},
+                                              "n_trials": 2}, registry)
+    gone = feasibility.unavailable_choices(cfg, registry, cpu)
+    assert set(gone) == {("workload.kernels", "liger"), ("workload.attention", "cudnn")}
+    narrowed, lines = feasibility.narrow_space(cfg, gone)
+    assert narrowed.workload_space["kernels"] == ("fixed", "native")  # one value left: fixed
+    assert narrowed.workload_space["attention"][1].choices == ("math", "flash")
+    assert lines == [f"left out of the search space: {why}" for why in gone.values()]
+    assert cfg.workload_space["kernels"][1].choices == ("native", "liger")  # the parsed file is left as it was
+    # a study whose earlier trials searched liger keeps it (Optuna cannot change a parameter's choices) and says
+    # that every trial choosing it is ruled out here
+    kept, lines = feasibility.narrow_space(cfg, gone, {"workload.kernels": ["native", "liger"]})
+    assert kept.workload_space["kernels"][1].choices == ("native", "liger")
+    assert any(line.startswith("keeping workload.kernels 'liger' in the space") for line in lines)
+    with pytest.raises(SpecError, match=r"s.yaml.workload.kernels: no value can run on this machine"):
+        fixed = StudyConfig.from_mapping("s.yaml", {"workload": {"name": "gpt", "kernels": "liger-flce"},
+                                                    "n_trials": 2}, registry)
+        feasibility.narrow_space(fixed, feasibility.unavailable_choices(fixed, registry, cpu))

@@ -11,8 +11,8 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-from harness.errors import SpecError
 from harness.plugins import get_registry
+from harness.space import package_available
 from harness.testing import make_spec, run_one_trial, run_small_study
 from harness.workload import SoftTargets
 from plugins import _gpt_kernels, gpt
@@ -20,7 +20,7 @@ from plugins import _gpt_kernels, gpt
 ROOT = Path(__file__).resolve().parents[1]
 TINY = gpt.PRESETS["tiny"]
 CUDA = torch.cuda.is_available()
-LIGER_HERE = _gpt_kernels.liger_missing("liger") is None
+LIGER_HERE = CUDA and package_available("liger_kernel") and package_available("triton")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 needs_liger = pytest.mark.skipif(not LIGER_HERE, reason="needs a CUDA GPU and liger-kernel")
 cpu_only_machine = pytest.mark.skipif(CUDA, reason="what a machine without CUDA says")
@@ -69,13 +69,14 @@ def test_a_backend_that_cannot_run_is_named_with_those_that_can():
 
 @cpu_only_machine
 def test_a_cuda_only_backend_is_refused_before_launch_on_a_cpu_machine(harness_cli, tmp_path):
-    with pytest.raises(SpecError, match="workload.attention: 'cudnn' needs a CUDA GPU and this machine has none"):
-        get_registry().validate_workload("workload", "gpt", {"attention": "cudnn"})
     trial = tmp_path / "trial.yaml"
     trial.write_text(yaml.safe_dump({"workload": {"name": "gpt", "attention": "efficient"}, "device": "cpu"}))
     code, out, err = harness_cli("run", str(trial))
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert "workload.attention: 'efficient' needs a CUDA GPU" in err
+    assert "workload.attention 'efficient' requires CUDA, which this machine does not have" in err
+    # the declaration says so, and a spec that gets past the file (made in code) is ruled out before launch
+    result = run_one_trial(workload="gpt", workload_params={"size": "tiny", "attention": "cudnn"}, device="cpu")
+    assert result.status == "infeasible" and "workload.attention 'cudnn' requires CUDA" in result.message
 
 
 def test_a_study_searching_math_and_flash_attention_runs_both(tmp_path):
@@ -90,28 +91,37 @@ def test_a_study_searching_math_and_flash_attention_runs_both(tmp_path):
 # ============================================================================================ liger on a CPU machine
 @cpu_only_machine
 def test_liger_on_a_machine_without_cuda_is_one_line_exit_2(harness_cli, tmp_path):
-    with pytest.raises(SpecError, match=r"workload.kernels: 'liger' needs a CUDA GPU and the liger-kernel package, "
-                                        r"and this machine has no CUDA GPU"):
-        get_registry().validate_workload("workload", "gpt", {"kernels": "liger"})
     trial = tmp_path / "trial.yaml"
     trial.write_text(yaml.safe_dump({"workload": {"name": "gpt", "kernels": "liger"}}))
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump({"name": "s", "workload": {"name": "gpt", "kernels": "liger-flce"},
                                      "axes": {"optimizer": "adamw"}, "n_trials": 1, "device": "cpu"}))
-    for argv in (("run", trial), ("study", study)):
+    for argv, what in ((("run", trial), "liger"), (("--disable", "mlflow", "study", study), "liger-flce")):
         code, out, err = harness_cli(*argv)
         assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, err)
-        assert "workload.kernels: 'liger" in err and "use kernels: native" in err
+        assert f"workload.kernels '{what}' requires CUDA, which this machine does not have" in err, err
 
 
 @cpu_only_machine
-def test_a_study_searching_liger_on_a_cpu_machine_stops_before_its_first_trial(harness_cli, tmp_path):
+def test_a_study_searching_liger_on_a_cpu_machine_leaves_it_out_and_runs_the_rest(harness_cli, tmp_path):
     study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump({"name": "s", "workload": {"name": "gpt", "kernels": ["native", "liger"]},
-                                     "axes": {"optimizer": "adamw"}, "n_trials": 2, "device": "cpu"}))
-    code, _, err = harness_cli("--disable", "mlflow", "study", study)
-    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert err.startswith(f"harness: error: {study}: workload.kernels: 'liger' needs a CUDA GPU"), err
+    study.write_text(yaml.safe_dump({
+        "name": "s", "workload": {"name": "gpt", "size": "tiny", "corpus_bytes": 200_000,
+                                  "kernels": ["native", "liger", "liger-flce"], "attention": ["math", "cudnn"]},
+        "axes": {"optimizer": "adamw"}, "n_trials": 1, "device": "cpu", "storage": f"sqlite:///{tmp_path}/s.db",
+        "budget": {"steps": 8, "warmup_steps": 2, "windows": 2, "eval_samples": 32},
+        "objectives": [{"tokens_per_s": "max"}]}))
+    code, out, err = harness_cli("--disable", "mlflow", "study", study, "--output-dir", str(tmp_path / "out"))
+    assert code == 0, err[-2000:] + out[-2000:]
+    for line in ("left out of the search space: workload.kernels 'liger' requires CUDA",
+                 "left out of the search space: workload.kernels 'liger-flce' requires CUDA",
+                 "left out of the search space: workload.attention 'cudnn' requires CUDA"):
+        assert line in " ".join(out.split()), out[-3000:]
+    import optuna
+
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db").get_trials()
+    ran = [t.user_attrs["record"]["spec"]["workload_params"] for t in trials if t.user_attrs.get("launched")]
+    assert ran and all(p["kernels"] == "native" and p["attention"] == "math" for p in ran), ran
 
 
 # ============================================================================================ the fused head (CPU part)

@@ -110,6 +110,17 @@ def test_two_process_trial_matches_single_process_loss(parallelism, single_proce
 
 
 @pytest.mark.slow
+def test_ddp_with_float16_gradients_matches_single_process_loss_within_their_rounding(single_process_result,
+                                                                                      tmp_path):
+    # float16 carries ~3 significant digits: the losses agree to ~1e-4, far closer than the 3e-2 of gradients
+    # summed instead of averaged (what a compression hook that forgot to divide by the ranks would do)
+    result = launch(spec_for({"name": "ddp", "gradient_dtype": "float16"}, 2), tmp_path / "trial",
+                    LaunchOptions(timeout_s=180))
+    assert result.ok, result.message
+    assert result.metrics["val_loss"] == pytest.approx(single_process_result.metrics["val_loss"], abs=1e-3)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("parallelism", [
     {"name": "ddp"},
     {"name": "fsdp"},

@@ -278,3 +278,33 @@ def test_deepspeed_defaults_are_deepspeeds_own_for_overlap_and_buckets_and_expli
     assert "overlap_comm" not in zero and zero["reduce_bucket_size"] == 5 * 10 ** 8
     for overlap in (True, False):
         assert zero_config({**params, "overlap_comm": overlap})["overlap_comm"] is overlap
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_ddp_all_reduces_float16_gradients_through_torchs_hook_and_keeps_float32_gradients(registry, monkeypatch):
+    import torch.distributed as dist
+
+    reduced = []
+    all_reduce = dist.all_reduce
+
+    def recording(tensor, *args, **kwargs):
+        reduced.append(tensor.dtype)
+        return all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_reduce", recording)
+    spec = make_spec(registry=registry, parallelism={"name": "ddp", "gradient_dtype": "float16"}, **GPT_TINY)
+    model, workload = gpt_model(registry)
+    optimizer = registry.hooks.build_optimizer(params=list(model.parameters()), spec=spec, device=CPU)
+    precision = registry.hooks.setup_precision(model=model, spec=spec, device=CPU)
+    engine = registry.hooks.build_engine(model=model, optimizer=optimizer, precision=precision, spec=spec,
+                                         device=CPU, dist=DistInfo())
+    engine.backward(engine.model(next(workload.train.train_batches(4, 0))[0]).float().logsumexp(-1).mean())
+    assert reduced and set(reduced) == {torch.float16}, reduced  # every bucket travelled in float16
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bfloat16_gradients_need_cuda_and_a_cpu_trial_says_so_before_launch():
+    result = run_one_trial(parallelism={"name": "ddp", "gradient_dtype": "bfloat16"}, devices=2, device="cpu",
+                           budget={"steps": 4})
+    assert result.status == "infeasible", result.message
+    assert result.message == "parallelism.gradient_dtype 'bfloat16' requires CUDA, which this trial does not have"
