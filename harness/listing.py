@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from harness.space import AXES, Categorical, Environment, Float, Int, unavailable_reason
+from harness.space import AXES, Categorical, Environment, Float, Int, unavailable_choice, unavailable_reason
 
 if TYPE_CHECKING:
     from harness.config import TrialSpec
@@ -14,8 +14,9 @@ if TYPE_CHECKING:
     from harness.plugins import Registry
 
 
-def param_listing(param: Any) -> dict[str, Any]:
-    """A parameter's declaration as JSON-able data: its type, range or choices, default and help."""
+def param_listing(param: Any, label: str = "", env: Environment | None = None) -> dict[str, Any]:
+    """A parameter's declaration as JSON-able data: its type, range or choices, default and help; with ``env``, the
+    choices that machine can never run (``choices_not_here``: choice -> why), when there are any."""
     out: dict[str, Any]
     if isinstance(param, (Float, Int)):
         out = {"type": "float" if isinstance(param, Float) else "int", "low": param.low, "high": param.high,
@@ -24,6 +25,10 @@ def param_listing(param: Any) -> dict[str, Any]:
             out["step"] = param.step
     elif isinstance(param, Categorical):
         out = {"type": "categorical", "choices": list(param.choices)}
+        missing = {str(c): why for c in param.choices
+                   if env is not None and (why := unavailable_choice(param, label, c, env, where="this machine"))}
+        if missing:
+            out["choices_not_here"] = missing
     else:
         out = {"type": "string"}
     return {**out, "default": param.default, "help": param.help}
@@ -41,12 +46,12 @@ def plugin_listing(registry: Registry) -> list[dict[str, Any]]:
         for t in rec.techniques:
             why = unavailable_reason(t, env, where="this machine")
             techniques.append({"axis": t.axis, "name": t.name, "default": t.default,
-                               "params": {k: param_listing(p) for k, p in t.space.items()},
+                               "params": {k: param_listing(p, f"{t.axis}.{k}", env) for k, p in t.space.items()},
                                "runs_here": why is None, "why_not": why or ""})
         out.append({"name": name, "module": rec.module, "distribution": rec.distribution, "version": rec.version,
                     "techniques": techniques,
                     "workloads": [{"name": w.name, "default": w.default,
-                                   "params": {k: param_listing(p) for k, p in w.params.items()}}
+                                   "params": {k: param_listing(p, f"workload.{k}", env) for k, p in w.params.items()}}
                                   for w in rec.workloads],
                     "hooks": list(rec.hooks), "error": rec.error})
     return out

@@ -171,6 +171,14 @@ def test_harness_plugins_json_carries_each_parameters_range_choices_and_default(
     (digits,) = listing["digits"]["workloads"]
     assert digits["default"] is True and digits["params"]["hidden"]["type"] == "int"
     assert {"low", "high", "default"} <= set(digits["params"]["hidden"])
+    assert "choices_not_here" not in adamw["params"]["implementation"]  # nothing there needs more of the machine
+    if not torch.cuda.is_available():  # the choices this machine can never run, and why
+        (gpt,) = listing["gpt"]["workloads"]
+        assert gpt["params"]["kernels"]["choices_not_here"] == {
+            k: f"workload.kernels {k!r} requires CUDA, which this machine does not have"
+            for k in ("liger", "liger-flce")}
+        (ddp,) = listing["ddp"]["techniques"]
+        assert list(ddp["params"]["gradient_dtype"]["choices_not_here"]) == ["bfloat16"]
 
 
 def test_trial_settings_name_batch_size_budget_device_and_every_technique():
