@@ -401,14 +401,13 @@ def trial_from_mapping(where: str, data: Any, registry: Registry) -> TrialSpec:
         spec.workload = name
         spec.workload_params = registry.validate_workload(f"{where}.workload", name, wparams)
         declared = registry.workload_params(name)
-        needs = [k for k, v in spec.workload_params.items() if getattr(declared.get(k), "requires", {}).get(v)]
-        if needs:  # a value this machine can never run (its declared requirements): one line now, not a trial
-            from harness.space import Environment, unavailable_choice
+        if any(v in getattr(declared.get(k), "requires", {}) for k, v in spec.workload_params.items()):
+            # a value this machine can never run (its declared requirements): one line now, not a trial; the
+            # machine is only looked at (CUDA initialised) when a value has requirements
+            from harness.space import Environment, unavailable_values
 
-            env = Environment.detect()
-            for key in needs:
-                why = unavailable_choice(declared[key], f"{where}.workload.{key}", spec.workload_params[key], env,
-                                         spec.device, "this machine")
-                if why:
-                    raise SpecError(why)
+            why = unavailable_values(spec.workload_params, declared, f"{where}.workload", Environment.detect(),
+                                     spec.device, "this machine")
+            if why:
+                raise SpecError(why)
     return fill_defaults(spec, registry)

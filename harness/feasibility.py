@@ -62,10 +62,20 @@ def parameters(cfg: StudyConfig) -> dict[str, SpaceEntry]:
     return out
 
 
-def choice_lists(cfg: StudyConfig) -> dict[str, Sequence[Any]]:
-    """The values each categorical or fixed parameter of the study's space can take (by its Optuna name)."""
-    return {name: value.choices if kind == "dist" else (value,) for name, (kind, value) in parameters(cfg).items()
+def choice_lists(entries: Mapping[str, SpaceEntry]) -> dict[str, Sequence[Any]]:
+    """The values each categorical or fixed parameter of :func:`parameters` can take."""
+    return {name: value.choices if kind == "dist" else (value,) for name, (kind, value) in entries.items()
             if kind != "dist" or hasattr(value, "choices")}
+
+
+def holder(cfg: StudyConfig, name: str) -> dict[str, SpaceEntry] | None:
+    """The mapping of ``cfg`` that holds the parameter ``name`` (see :func:`parameters`), or None when its
+    technique is not in the space (any more)."""
+    head = name.rpartition(".")[0]
+    if head == "workload":
+        return cfg.workload_space
+    axis, _, technique = head.partition(".")
+    return cfg.axes.get(axis, {}).get(technique)
 
 
 def declaration(name: str, cfg: StudyConfig, registry: Registry) -> Any:
@@ -73,7 +83,8 @@ def declaration(name: str, cfg: StudyConfig, registry: Registry) -> Any:
     head, _, key = name.rpartition(".")
     if head == "workload":
         return registry.workload_params(cfg.workload).get(key)
-    tech = registry.techniques.get(tuple(head.split(".", 1)))  # type: ignore[arg-type]
+    axis, _, technique = head.partition(".")
+    tech = registry.techniques.get((axis, technique))
     return tech.space.get(key) if tech else None
 
 
@@ -81,7 +92,7 @@ def unavailable_choices(cfg: StudyConfig, registry: Registry, env: Environment) 
     """``(parameter, value) -> why`` for every value of a parameter (``workload.KEY``, ``AXIS.TECHNIQUE.KEY``) the
     study searches or fixes that this machine can never run (the parameter's declared per-choice requirements)."""
     out = {}
-    for name, choices in choice_lists(cfg).items():
+    for name, choices in choice_lists(parameters(cfg)).items():
         param = declaration(name, cfg, registry)
         for choice in choices:
             reason = unavailable_choice(param, name, choice, env, cfg.device, "this machine")
@@ -110,13 +121,11 @@ def narrow_space(cfg: StudyConfig, unavailable: Mapping[tuple[str, Any], str],
     narrowed, lines = copy.deepcopy(cfg), list[str]()
     spaces: dict[str, Sequence[Any]] = {axis: list(techniques) for axis, techniques in cfg.axes.items()}
     entries = parameters(cfg)
-    spaces.update(choice_lists(cfg))
+    spaces.update(choice_lists(entries))
     for name, choices in spaces.items():
         gone = {c: unavailable[(name, c)] for c in choices if (name, c) in unavailable}
-        head, _, key = name.rpartition(".")
-        space = narrowed.workload_space if head == "workload" else (
-            narrowed.axes[head.split(".")[0]].get(head.split(".", 1)[-1]) if head else None)
-        if not gone or (head and space is None):  # nothing to leave out, or its technique left already
+        space = None if name in AXES else holder(narrowed, name)
+        if not gone or (name not in AXES and space is None):  # nothing to leave out, or its technique left already
             continue
         kept = [c for c in choices if c not in gone]
         where = f"axes.{name}" if name in AXES else name
@@ -132,7 +141,8 @@ def narrow_space(cfg: StudyConfig, unavailable: Mapping[tuple[str, Any], str],
         if name in AXES:
             narrowed.axes[name] = {t: cfg.axes[name][t] for t in kept}
         elif space is not None:
-            space[key] = ("fixed", kept[0]) if len(kept) == 1 else ("dist", type(entries[name][1])(tuple(kept)))
+            narrowed_entry = ("fixed", kept[0]) if len(kept) == 1 else ("dist", type(entries[name][1])(tuple(kept)))
+            space[name.rpartition(".")[2]] = narrowed_entry
         lines.extend(f"left out of the search space: {why}" for why in gone.values())
     return narrowed, lines
 

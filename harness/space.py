@@ -227,8 +227,16 @@ def unavailable_choice(param: Any, label: str, value: Any, env: Environment, dev
                        where: str = "this trial") -> str | None:
     """Why ``env`` can never run ``value`` of a :class:`Categorical` parameter (its ``requires``), or None;
     ``label`` names the parameter (``workload.kernels``)."""
-    req = getattr(param, "requires", {}).get(value) if isinstance(param, Categorical) else None
+    req = param.requires.get(value) if isinstance(param, Categorical) else None
     return unmet_requirements(req, f"{label} {value!r}", env, device, where) if req else None
+
+
+def unavailable_values(values: Mapping[str, Any], declared: Mapping[str, Any], prefix: str, env: Environment,
+                       device: str = "auto", where: str = "this trial") -> str | None:
+    """The first of ``values`` (parameter -> value) that ``env`` can never run by its declaration in ``declared``
+    (:func:`unavailable_choice`; labelled ``<prefix>.<parameter>``), or None."""
+    return next(filter(None, (unavailable_choice(declared.get(k), f"{prefix}.{k}", v, env, device, where)
+                              for k, v in values.items())), None)
 
 
 def unmet_requirements(req: Requirements, label: str, env: Environment, device: str, where: str) -> str | None:
@@ -253,10 +261,10 @@ def infeasible_reason(spec, techniques: Mapping[tuple[str, str], Technique], env
                       ) -> str | None:
     """Return why ``spec`` cannot run here (one sentence), or None when every declaration is satisfied;
     ``workload_params`` are the workload's parameter declarations (their choices' requirements)."""
-    for key, value in getattr(spec, "workload_params", {}).items():
-        reason = unavailable_choice((workload_params or {}).get(key), f"workload.{key}", value, env, spec.device)
-        if reason:
-            return reason
+    reason = unavailable_values(getattr(spec, "workload_params", {}), workload_params or {}, "workload", env,
+                                spec.device)
+    if reason:
+        return reason
     kinds = set(workload_kinds)
     chosen = {axis: getattr(spec, axis).name for axis in AXES}
     for axis in AXES:
@@ -264,9 +272,8 @@ def infeasible_reason(spec, techniques: Mapping[tuple[str, str], Technique], env
         if tech is None:
             return f"{axis}: unknown technique {shown(chosen[axis])}"
         req, label = tech.requires, f"{axis} technique {tech.name!r}"
-        machine = unavailable_reason(tech, env, spec.device) or next(filter(None, (
-            unavailable_choice(tech.space.get(k), f"{axis}.{k}", v, env, spec.device)
-            for k, v in getattr(spec, axis).params.items())), None)
+        machine = (unavailable_reason(tech, env, spec.device)
+                   or unavailable_values(getattr(spec, axis).params, tech.space, axis, env, spec.device))
         if machine:
             return machine
         if spec.devices < req.min_devices:

@@ -238,12 +238,13 @@ def harness_declare_workloads():
                 "vocab_size": Int(256, 262144, help="embedding rows; ids are bytes < 256 (overrides the preset)"),
                 "attention": Categorical(tuple(_gpt_kernels.ATTENTION), default="auto",
                                          help="scaled_dot_product_attention backend (auto: torch picks per call)",
-                                         requires={a: Requirements(cuda=True) for a in ("efficient", "cudnn")}),
+                                         requires={a: Requirements(cuda=True) for a in _gpt_kernels.ATTENTION
+                                                   if a not in _gpt_kernels.CPU_ATTENTION}),
                 "kernels": Categorical(_gpt_kernels.KERNELS, default="native",
                                        help="liger: Liger's LayerNorm + fused linear cross-entropy (no logits "
                                             "tensor), liger-flce: the latter only; CUDA + liger-kernel",
                                        requires={k: Requirements(cuda=True, packages=("liger_kernel", "triton"))
-                                                 for k in ("liger", "liger-flce")})},
+                                                 for k in _gpt_kernels.KERNELS if _gpt_kernels.fused_head(k)})},
         description="decoder-only transformer on bytes of a local corpus (default: Python stdlib sources)",
     )]
 
