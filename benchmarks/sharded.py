@@ -35,6 +35,7 @@ MODELS = {
 }
 FORWARD_LOSS = {"name": "torch-compile"}
 BLOCKS = {"name": "torch-compile", "scope": "blocks"}
+ENGINE = {"name": "torch-compile", "scope": "engine"}  # the engine's own compile (DeepSpeed: engine.compile())
 #: variant -> (parallelism, compile). DDP, single and ZeRO-2 compile forward + loss (Dynamo splits DDP's graph at
 #: its buckets); FSDP and ZeRO-3 compile each block in place, outside their hooks.
 VARIANTS = {
@@ -51,10 +52,14 @@ VARIANTS = {
     # what the plugin's defaults were before the 2 x H200 measurement: overlap, 5e7-element buckets
     "zero2-overlap": ({"name": "deepspeed", "stage": 2, "overlap_comm": True, "reduce_bucket_size": 5 * 10 ** 7},
                       FORWARD_LOSS),
+    # DeepSpeed's engine.compile(): plain (module.compile() with its hooks) and with DeepCompile's graph passes
+    "zero3-engine": ({"name": "deepspeed", "stage": 3}, ENGINE),
+    "zero2-dc": ({"name": "deepspeed", "stage": 2, "deepcompile": True}, ENGINE),
+    "zero3-dc": ({"name": "deepspeed", "stage": 3, "deepcompile": True}, ENGINE),
 }
 DEFAULT_VARIANTS = "single,ddp,fsdp,fsdp-blocks,zero2,zero3"
 #: variants that run as one process (the others need two)
-ONE_PROCESS = {"single", "zero2", "zero3", "zero2-blocks", "zero2-overlap"}
+ONE_PROCESS = {"single", "zero2", "zero3", "zero2-blocks", "zero2-overlap", "zero3-engine", "zero2-dc", "zero3-dc"}
 #: bytes per parameter of model states with Adam and 16-bit training, (replicated, divided by N) (ZeRO paper):
 #: float32 weights, gradients and two moments (16) on every GPU without sharding; ZeRO keeps bfloat16 weights and
 #: gradients besides float32 master weights and moments; FSDP shards float32 weights, gradients and moments.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -94,6 +94,12 @@ class Engine:
         Engines that step a wrapper (DeepSpeed's ZeRO optimizer) return the torch optimizer inside it.
         """
         return self.optimizer
+
+    def compile(self, options: dict[str, Any]) -> None:
+        """Compile what the forward pass calls, the engine's own way (``torch-compile`` ``scope: engine``):
+        ``torch.compile(model, **options)`` here; an engine with a compiler of its own overrides it (DeepSpeed's
+        ``engine.compile()``, which runs DeepCompile when the technique asks for it)."""
+        self.model = cast(nn.Module, torch.compile(self.model, **options))  # an OptimizedModule
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Context for micro-batches whose gradients are accumulated without communication."""

@@ -45,6 +45,12 @@ With ``torch-compile`` ``scope: blocks`` each block is compiled in place, which 
 ``engine.compile()`` does to the whole module (``module.compile()``), block by block: stage 3 needs it (its hooks
 gather parameters between the blocks). Stages 0-2 have no hooks in the forward pass, and there the forward + loss
 compiled as one graph (``scope: forward-loss``) ran the faster step above.
+
+``deepcompile: True`` (CUDA; stages 1-3; with ``torch-compile`` ``scope: engine``, which calls DeepSpeed's
+``engine.compile()``) turns on DeepCompile: DeepSpeed's compiler passes put ZeRO's parameter gathers and releases
+(stage 3) and gradient reductions into the compiled graph as operations, schedule their prefetch from a profile of
+the first steps (the graph is recompiled once, after five steps: inside a trial's warm-up) and drop the per-module
+hooks whose host time the profile above showed. Its CUDA op builds on first use (``TORCH_CUDA_ARCH_LIST``).
 """
 from __future__ import annotations
 
@@ -97,6 +103,10 @@ TECHNIQUE = Technique(
         "stage3_max_reuse_distance": Int(0, 10 ** 10, default=10 ** 9,
                                          help="a parameter reused within this many elements stays gathered "
                                               "(stage 3)"),
+        "deepcompile": Categorical((False, True), default=False, requires={True: Requirements(cuda=True)},
+                                   help="DeepCompile (stages 1-3, with torch-compile scope engine): ZeRO's "
+                                        "gathers, releases and reductions scheduled inside the compiled graph "
+                                        "instead of module hooks"),
     },
     requires=Requirements(packages=("deepspeed",)),
     incompatible={"compile:cuda-graph": "DeepSpeed's engine synchronises with the host inside its step, so the "
@@ -237,7 +247,9 @@ class DeepSpeedEngine(Engine):
         }
         if p["communication_dtype"] == "float32":
             config["communication_data_type"] = "fp32"
-        if p["stage"] == 3 and p["stage3_leaf_blocks"]:
+        if p["deepcompile"]:
+            config["compile"] = {"deepcompile": True}
+        if p["stage"] == 3 and p["stage3_leaf_blocks"] and not p["deepcompile"]:
             mark_leaf_blocks(model)
         params = [q for q in model.parameters() if q.requires_grad]
         client = deepspeed_optimizer(optimizer, params, p, device)
@@ -250,6 +262,14 @@ class DeepSpeedEngine(Engine):
         self.module = ds.module
         self.eval_model = self.model
         self.config = config
+
+    def compile(self, options: dict) -> None:
+        """DeepSpeed's own ``engine.compile()``: ``module.compile()`` with DeepSpeed's hooks in place, or DeepCompile's
+        backend when the config turns it on. Options at torch.compile's defaults (``mode`` default, ``fullgraph``
+        off, ``dynamic`` off) are left to DeepSpeed: DeepCompile's ZeRO-3 pass lets parameter shapes change (a
+        partitioned parameter is empty until gathered) and its backend takes no ``mode``."""
+        kwargs = {k: v for k, v in options.items() if v not in (None, False)}
+        self.ds.compile(backend="inductor", compile_kwargs=kwargs)
 
     @property
     def schedule_optimizer(self):
@@ -284,6 +304,23 @@ def harness_check_combination(spec):
         return f"parallelism.offload_param: 'cpu' needs ZeRO stage 3 (stage: {p.get('stage')})"
     if p.get("offload_optimizer") == "cpu" and p.get("stage") == 0:
         return "parallelism.offload_optimizer: 'cpu' needs ZeRO stage 1, 2 or 3 (stage: 0)"
+    if p.get("deepcompile"):
+        return deepcompile_problem(p, spec.compile)
+    return None
+
+
+def deepcompile_problem(p: dict, compile_) -> str | None:
+    """Why ``deepcompile: True`` cannot run with these settings, or None: DeepCompile is applied by DeepSpeed's
+    ``engine.compile()`` (``torch-compile`` ``scope: engine``), through its own backend (no Inductor ``mode``), and
+    has passes for ZeRO stages 1-3 only."""
+    if p.get("stage") == 0:
+        return "parallelism.deepcompile: True needs ZeRO stage 1, 2 or 3 (stage: 0)"
+    if compile_.name != "torch-compile" or compile_.params.get("scope") != "engine":
+        return ("parallelism.deepcompile: True needs compile 'torch-compile' with scope 'engine' (DeepSpeed's "
+                f"engine.compile() applies it), not {compile_.name} scope {compile_.params.get('scope')}")
+    if compile_.params.get("mode", "default") != "default":
+        return (f"parallelism.deepcompile: True compiles with DeepCompile's backend, which takes no mode "
+                f"(torch-compile mode: {compile_.params.get('mode')}; allowed: default)")
     return None
 
 

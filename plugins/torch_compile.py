@@ -13,6 +13,10 @@ lands in ``compile_s`` and not in the timed throughput.
   the torchtitan recipe for FSDP and the way to compile under DeepSpeed (each block's backward is its own graph,
   so gradients are reduced block by block while the backward goes on). ``module.compile()`` is not used: it
   compiles the module's hooks too, and ZeRO-3's hooks then break the graphs and recompile per block.
+- ``engine``: the parallelism engine compiles with its own compiler (``Engine.compile``): DeepSpeed's
+  ``engine.compile()`` (its DeepCompile passes when ``deepspeed`` sets ``deepcompile: True``: ZeRO's gathers,
+  releases and reductions become operations inside the compiled graph instead of module hooks); for the other
+  engines the same as ``model``.
 """
 from __future__ import annotations
 
@@ -34,13 +38,16 @@ TECHNIQUE = Technique(
                                     help="fail instead of falling back to eager at graph breaks"),
            "dynamic": Categorical((False, True), default=False,
                                   help="compile for dynamic shapes (batches here have static shapes)"),
-           "scope": Categorical(("forward-loss", "model", "blocks"), default="forward-loss",
+           "scope": Categorical(("forward-loss", "model", "blocks", "engine"), default="forward-loss",
                                 help="what is compiled: forward pass + loss (fuses e.g. a vocabulary-sized "
-                                     "cross-entropy), only the model (for wrapped parallel models), or each "
-                                     "repeated block in place plus the loss (for sharded models: fsdp, deepspeed)"),
+                                     "cross-entropy), only the model (for wrapped parallel models), each "
+                                     "repeated block in place plus the loss (for sharded models: fsdp, deepspeed), "
+                                     "or the model by the engine's own compiler (deepspeed: engine.compile(), "
+                                     "DeepCompile)"),
            "channels_last": Categorical((False, True), default=False,
                                         help="also run the model and image inputs channels-last")},
-    description="torch.compile of forward + loss, the model, or each repeated block (backward via AOTAutograd)",
+    description="torch.compile of forward + loss, the model, each repeated block or the engine's own way "
+                "(backward via AOTAutograd)",
 )
 
 
@@ -64,7 +71,9 @@ def harness_compile_step(step, spec):
         apply_channels_last(step)
     options = {"mode": None if p["mode"] == "default" else p["mode"], "fullgraph": p["fullgraph"],
                "dynamic": p["dynamic"]}
-    if p["scope"] == "model":
+    if p["scope"] == "engine":
+        step.engine.compile(options)
+    elif p["scope"] == "model":
         step.engine.model = torch.compile(step.engine.model, **options)
     elif p["scope"] == "blocks":
         for block in repeated_blocks(step.engine.module) or [step.engine.module]:

@@ -61,6 +61,17 @@ def test_deepspeed_tuned_defaults_train_like_ddp(tmp_path, stage):
     assert zero["val_loss"] == pytest.approx(ddp["val_loss"], rel=BF16_REL)
 
 
+@pytest.mark.usefixtures("nccl_env")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepcompile_trains_like_ddp(tmp_path, stage):
+    # DeepCompile's passes replace ZeRO's hooks inside the compiled graph (and recompile it after 5 profiled steps)
+    two_gpus()
+    ddp = trial(tmp_path, "ddp", parallelism="ddp", devices=2)
+    zero = trial(tmp_path, f"dc{stage}", parallelism={"name": "deepspeed", "stage": stage, "deepcompile": True},
+                 compile={"name": "torch-compile", "scope": "engine"}, devices=2)
+    assert zero["val_loss"] == pytest.approx(ddp["val_loss"], rel=BF16_REL)
+
+
 @pytest.mark.parametrize("mode", ["block", "selective"])
 def test_activation_checkpointing_under_compile_follows_eager(mode):
     def losses(**fields):

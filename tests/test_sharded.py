@@ -308,3 +308,60 @@ def test_bfloat16_gradients_need_cuda_and_a_cpu_trial_says_so_before_launch():
                            budget={"steps": 4})
     assert result.status == "infeasible", result.message
     assert result.message == "parallelism.gradient_dtype 'bfloat16' requires CUDA, which this trial does not have"
+
+
+# ---------------------------------------------------------------------------------------------- scope: engine
+@pytest.mark.filterwarnings(DYNAMO_GRAD_PROBE)
+def test_engine_scope_compiles_the_model_the_engines_way_and_follows_eager():
+    eager, _ = step_losses(3)
+    compiled, trial = step_losses(3, compile={"name": "torch-compile", "scope": "engine"})
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert isinstance(trial.engine.model, torch._dynamo.eval_frame.OptimizedModule)  # the plain engine: the model
+
+
+@pytest.mark.filterwarnings(DYNAMO_GRAD_PROBE)
+def test_engine_scope_under_deepspeed_is_deepspeeds_own_engine_compile(monkeypatch):
+    from harness.launch import free_port
+
+    # the engine creates (and closes) a one-process group from these, as a trial without torchrun does
+    for key, value in (("DS_ACCELERATOR", "cpu"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())),
+                       ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(key, value)
+    kw = dict(parallelism={"name": "deepspeed", "stage": 2}, batch_size=8, budget={"steps": 3, "eval_samples": 32},
+              **GPT_TINY)
+    # DeepSpeed keeps its groups per process: the eager trial runs in its own process, the compiled one here
+    eager = run_one_trial(isolated=True, timeout_s=300, **kw)
+    trial = Trial(make_spec(compile={"name": "torch-compile", "scope": "engine"}, **kw))
+    result = trial.run()
+    ds = trial.engine.ds
+    # DeepSpeed compiled its module in place (module.compile()), without DeepCompile (not asked for, and CPU)
+    assert ds.is_compiled and ds.module._compiled_call_impl is not None and not ds.is_deepcompile_enabled()
+    assert result.metrics["val_loss"] == pytest.approx(eager.metrics["val_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"compile": {"name": "torch-compile", "scope": "blocks"}},
+     "parallelism.deepcompile: True needs compile 'torch-compile' with scope 'engine' (DeepSpeed's engine.compile() "
+     "applies it), not torch-compile scope blocks"),
+    ({"compile": "eager"}, "parallelism.deepcompile: True needs compile 'torch-compile' with scope 'engine'"),
+    ({"compile": {"name": "torch-compile", "scope": "engine", "mode": "max-autotune"}},
+     "parallelism.deepcompile: True compiles with DeepCompile's backend, which takes no mode (torch-compile mode: "
+     "max-autotune; allowed: default)"),
+    ({"stage": 0}, "parallelism.deepcompile: True needs ZeRO stage 1, 2 or 3 (stage: 0)"),
+])
+def test_deepcompile_combinations_that_cannot_run_say_why(registry, changes, expected):
+    parallelism = {"name": "deepspeed", "stage": changes.get("stage", 3), "deepcompile": True}
+    spec = make_spec(registry=registry, parallelism=parallelism, device="cuda",
+                     compile=changes.get("compile", {"name": "torch-compile", "scope": "engine"}))
+    reason = registry.hooks.check_combination(spec, Environment.detect(), ("lm",))
+    assert reason is not None and reason.startswith(expected), reason
+
+
+def test_deepcompile_with_the_engine_scope_is_a_valid_combination_and_needs_cuda(registry):
+    spec = make_spec(registry=registry, parallelism={"name": "deepspeed", "stage": 3, "deepcompile": True},
+                     compile={"name": "torch-compile", "scope": "engine"}, device="cuda")
+    assert registry.hooks.check_combination(spec, Environment.detect(), ("lm",)) is None
+    result = run_one_trial(parallelism={"name": "deepspeed", "stage": 3, "deepcompile": True},
+                           compile={"name": "torch-compile", "scope": "engine"}, budget={"steps": 2})
+    assert result.status == "infeasible", result.message
+    assert result.message == "parallelism.deepcompile True requires CUDA, which this trial does not have"
