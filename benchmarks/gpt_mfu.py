@@ -59,6 +59,7 @@ ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any], int]] = {
     "batch 32 + activation checkpointing": ("batch", AC, {}, 32),
     "batch 64": ("batch", {}, {}, 64),
     "batch 64 + activation checkpointing": ("batch", AC, {}, 64),
+    "batch 128": ("batch", {}, {}, 128),
     "fp8 tensorwise": ("precision", {"precision": {"name": "fp8", "recipe": "tensorwise"}}, {}, 16),
     "fp8 rowwise": ("precision", {"precision": {"name": "fp8", "recipe": "rowwise"}}, {}, 16),
     "compile max-autotune-no-cudagraphs":
@@ -67,7 +68,7 @@ ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any], int]] = {
 GPU_ROWS = [label for label in ROWS if label != "attention math"]
 CPU_ROWS = ["reference", "attention math", "attention flash", "batch 32 + activation checkpointing"]
 #: rows whose first compile is much slower than the others' (autotuning), for the estimate.
-SLOW_ROWS = {"compile max-autotune-no-cudagraphs": 4.0}
+SLOW_ROWS = {"compile max-autotune-no-cudagraphs": 4.0, "batch 128": 1.5}
 COMBINATION = "best combination"
 #: kernel name patterns -> class, for the profile (first match wins).
 KERNEL_CLASSES = (("attention", r"flash|fmha|attention|sdpa|cudnn"), ("matmul", r"gemm|cutlass|nvjet|xmma|wgmma|"

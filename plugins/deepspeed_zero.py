@@ -129,6 +129,20 @@ class _CastInputs(nn.Module):
         return self.inner(x)
 
 
+class EagerForward(nn.Module):
+    """Runs ``inner`` with torch.compile's graphs set aside (``torch.compiler.set_stance("force_eager")``): held-out
+    evaluation under DeepCompile, whose graph compiled for ``no_grad`` failed on the H200 (DeepSpeed 0.19.8, torch
+    2.11: ``expected Tensor() for op aten._scaled_dot_product_cudnn_attention``) after training ran."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        with torch.compiler.set_stance("force_eager"):
+            return self.inner(x)
+
+
 def precision_config(precision, device: torch.device) -> tuple[dict, torch.dtype | None]:
     """DeepSpeed's precision section for the trial's precision, and the dtype the model then runs in."""
     dtype = precision.compute_dtype
@@ -270,6 +284,8 @@ class DeepSpeedEngine(Engine):
         partitioned parameter is empty until gathered) and its backend takes no ``mode``."""
         kwargs = {k: v for k, v in options.items() if v not in (None, False)}
         self.ds.compile(backend="inductor", compile_kwargs=kwargs)
+        if self.ds.is_deepcompile_enabled():
+            self.eval_model = EagerForward(self.model)
 
     @property
     def schedule_optimizer(self):

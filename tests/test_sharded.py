@@ -365,3 +365,31 @@ def test_deepcompile_with_the_engine_scope_is_a_valid_combination_and_needs_cuda
                            compile={"name": "torch-compile", "scope": "engine"}, budget={"steps": 2})
     assert result.status == "infeasible", result.message
     assert result.message == "parallelism.deepcompile True requires CUDA, which this trial does not have"
+
+
+def test_evaluation_under_deepcompile_runs_the_model_without_its_compiled_graph():
+    from plugins.deepspeed_zero import EagerForward
+
+    graphs = []
+
+    def backend(gm, example_inputs):  # a torch.compile backend that records each graph it is given
+        graphs.append(gm)
+        return gm.forward
+
+    class Model(nn.Module):  # Dynamo leaves torch's own modules (nn.Linear) alone as the outermost frame
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.linear(x).relu()
+
+    model = Model()
+    model.compile(backend=backend)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        eager = EagerForward(model)(x)
+    assert not graphs and torch.equal(eager, model.linear(x).relu())
+    with torch.no_grad():
+        model(x)
+    assert len(graphs) == 1  # the same module outside the wrapper runs its compiled graph
