@@ -372,7 +372,7 @@ def test_evaluation_under_deepcompile_runs_the_model_without_its_compiled_graph(
 
     graphs = []
 
-    def backend(gm, example_inputs):  # a torch.compile backend that records each graph it is given
+    def backend(gm, _example_inputs):  # a torch.compile backend that records each graph it is given
         graphs.append(gm)
         return gm.forward
 
