@@ -42,6 +42,9 @@ VARIANTS = {
     "single": ({"name": "single"}, FORWARD_LOSS),
     "ddp": ({"name": "ddp"}, FORWARD_LOSS),
     "ddp-bf16": ({"name": "ddp", "gradient_dtype": "bfloat16"}, FORWARD_LOSS),  # half the all-reduce traffic
+    # fewer, larger buckets: Dynamo splits the compiled graph at each one (25 MB: ~20 graphs for gpt-124M)
+    "ddp-bucket100": ({"name": "ddp", "bucket_cap_mb": 100}, FORWARD_LOSS),
+    "ddp-static": ({"name": "ddp", "static_graph": True}, FORWARD_LOSS),
     "fsdp": ({"name": "fsdp"}, BLOCKS),  # units: model (the default)
     "fsdp-forward-loss": ({"name": "fsdp"}, FORWARD_LOSS),
     "fsdp-blocks": ({"name": "fsdp", "units": "block"}, BLOCKS),

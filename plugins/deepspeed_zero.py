@@ -332,8 +332,10 @@ def deepcompile_problem(p: dict, compile_) -> str | None:
     if p.get("stage") == 0:
         return "parallelism.deepcompile: True needs ZeRO stage 1, 2 or 3 (stage: 0)"
     if compile_.name != "torch-compile" or compile_.params.get("scope") != "engine":
+        given = (f"scope '{compile_.params.get('scope')}'" if compile_.name == "torch-compile"
+                 else f"compile '{compile_.name}'")
         return ("parallelism.deepcompile: True needs compile 'torch-compile' with scope 'engine' (DeepSpeed's "
-                f"engine.compile() applies it), not {compile_.name} scope {compile_.params.get('scope')}")
+                f"engine.compile() applies it), not {given}")
     if compile_.params.get("mode", "default") != "default":
         return (f"parallelism.deepcompile: True compiles with DeepCompile's backend, which takes no mode "
                 f"(torch-compile mode: {compile_.params.get('mode')}; allowed: default)")

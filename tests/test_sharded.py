@@ -342,8 +342,9 @@ def test_engine_scope_under_deepspeed_is_deepspeeds_own_engine_compile(monkeypat
 @pytest.mark.parametrize(("changes", "expected"), [
     ({"compile": {"name": "torch-compile", "scope": "blocks"}},
      "parallelism.deepcompile: True needs compile 'torch-compile' with scope 'engine' (DeepSpeed's engine.compile() "
-     "applies it), not torch-compile scope blocks"),
-    ({"compile": "eager"}, "parallelism.deepcompile: True needs compile 'torch-compile' with scope 'engine'"),
+     "applies it), not scope 'blocks'"),
+    ({"compile": "eager"}, "parallelism.deepcompile: True needs compile 'torch-compile' with scope 'engine' "
+                           "(DeepSpeed's engine.compile() applies it), not compile 'eager'"),
     ({"compile": {"name": "torch-compile", "scope": "engine", "mode": "max-autotune"}},
      "parallelism.deepcompile: True compiles with DeepCompile's backend, which takes no mode (torch-compile mode: "
      "max-autotune; allowed: default)"),
