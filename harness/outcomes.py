@@ -63,6 +63,20 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+#: the least relative half-width a throughput counts with when compared with another process's. A trial's
+#: interval comes from its own timing windows, and one process on a GPU times steadily (+-0.1-0.2 % on an H200):
+#: narrower than two processes of the same configuration agree (on one H200 five such trials spread by 1.0 %,
+#: docs/benchmarks.md "GPT MFU"), so comparisons widen each side to at least this.
+PROCESS_NOISE_FLOOR = 0.01
+
+
+def comparison_half_width(metrics: Mapping[str, Any]) -> float | None:
+    """The relative half-width a trial's throughput counts with when compared with another trial's: its own
+    interval's, at least :data:`PROCESS_NOISE_FLOOR`; None when it has no interval."""
+    rel = relative_half_width(metrics)
+    return None if rel is None else max(rel, PROCESS_NOISE_FLOOR)
+
+
 def ratio_interval(ratio: float, rel_a: float, rel_b: float) -> tuple[float, float]:
     """A 95 % interval of ``a / b`` from the relative half-widths of ``a``'s and ``b``'s intervals, combined in
     quadrature on the log scale (the delta method: independent measurements' relative errors add as variances)."""
@@ -74,15 +88,16 @@ def compare_to_baseline(metrics: Mapping[str, Any], baseline_metrics: Mapping[st
     """A trial's throughput over the baseline's, with its 95 % interval from both trials' intervals.
 
     Returns ``speedup_vs_baseline``, ``speedup_vs_baseline_ci_low`` / ``_ci_high`` and ``tie_with_baseline``
-    (1 when the interval contains 1.0: the difference is inside the measurement noise, 0 otherwise); the interval
-    and the verdict are left out when a trial has no spread, and everything when either throughput is missing."""
+    (1 when the interval contains 1.0: the difference is inside the measurement noise, each side's interval at
+    least :data:`PROCESS_NOISE_FLOOR`, 0 otherwise); the interval and the verdict are left out when a trial has
+    no spread, and everything when either throughput is missing."""
     if not baseline_metrics:
         return {}
     a, b = _number(metrics.get(THROUGHPUT_KEY)), _number(baseline_metrics.get(THROUGHPUT_KEY))
     if a is None or b is None or b <= 0:
         return {}
     out: dict[str, Any] = {"speedup_vs_baseline": a / b}
-    rel_a, rel_b = relative_half_width(metrics), relative_half_width(baseline_metrics)
+    rel_a, rel_b = comparison_half_width(metrics), comparison_half_width(baseline_metrics)
     if rel_a is not None and rel_b is not None:
         low, high = ratio_interval(out["speedup_vs_baseline"], rel_a, rel_b)
         out.update(speedup_vs_baseline_ci_low=low, speedup_vs_baseline_ci_high=high,
@@ -92,11 +107,12 @@ def compare_to_baseline(metrics: Mapping[str, Any], baseline_metrics: Mapping[st
 
 def same_within_noise(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> bool:
     """True when ``a`` and ``b`` measured ``key`` (the throughput) equally within the noise: the 95 % interval of
-    their ratio contains 1. Only the throughput has an interval; any other key is compared exactly."""
+    their ratio (each side at least :data:`PROCESS_NOISE_FLOOR` wide) contains 1. Only the throughput has an
+    interval; any other key is compared exactly."""
     if key != THROUGHPUT_KEY:
         return False
     x, y = _number(a.get(key)), _number(b.get(key))
-    rel_a, rel_b = relative_half_width(a), relative_half_width(b)
+    rel_a, rel_b = comparison_half_width(a), comparison_half_width(b)
     if x is None or y is None or y <= 0 or rel_a is None or rel_b is None:
         return False
     low, high = ratio_interval(x / y, rel_a, rel_b)

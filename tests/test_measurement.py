@@ -16,13 +16,16 @@ from torch import nn
 
 from harness.measure import CORE_METRICS, WindowStats, throughput_interval
 from harness.outcomes import (
+    PROCESS_NOISE_FLOOR,
     RESULT_KEYS,
     Objective,
     TrialRecord,
     beats_baseline,
     compare_to_baseline,
     pareto_front,
+    ratio_interval,
     relative_half_width,
+    same_within_noise,
     t_quantile_975,
 )
 from harness.report import NO_WINNER, write_trials_csv
@@ -82,6 +85,21 @@ def test_speedup_beyond_the_noise_is_no_tie():
     out = compare_to_baseline(timed(1300.0, 0.02), timed(1000.0, 0.02))
     assert 1.0 < out["speedup_vs_baseline_ci_low"] < 1.3 < out["speedup_vs_baseline_ci_high"]
     assert out["tie_with_baseline"] == 0
+
+
+def test_two_processes_agreeing_within_the_floor_tie_however_steady_each_timed():
+    # GPU-like: each process's own windows agree to 0.01 %, the two processes differ by 0.6 %
+    steady = compare_to_baseline(timed(1006.0, 0.0001), timed(1000.0, 0.0001))
+    assert steady["tie_with_baseline"] == 1
+    assert steady["speedup_vs_baseline_ci_low"] < 1.0 < steady["speedup_vs_baseline_ci_high"]
+    assert same_within_noise(timed(1006.0, 0.0001), timed(1000.0, 0.0001), "throughput_samples_per_s")
+    # but 5 % apart is a difference however the floor widens the intervals
+    assert compare_to_baseline(timed(1050.0, 0.0001), timed(1000.0, 0.0001))["tie_with_baseline"] == 0
+    assert not same_within_noise(timed(1050.0, 0.0001), timed(1000.0, 0.0001), "throughput_samples_per_s")
+    # a side wider than the floor keeps its own width
+    low, high = ratio_interval(1.0, max(0.05, PROCESS_NOISE_FLOOR), PROCESS_NOISE_FLOOR)
+    wide = compare_to_baseline(timed(1000.0, 0.05), timed(1000.0, 0.0001))
+    assert (wide["speedup_vs_baseline_ci_low"], wide["speedup_vs_baseline_ci_high"]) == pytest.approx((low, high))
 
 
 def test_no_comparison_without_a_baseline_throughput():
