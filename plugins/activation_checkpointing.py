@@ -14,7 +14,10 @@ state dicts and optimizer rebuilds rely on them) and the wrapper sits *inside* w
   (normalisations, activations, residual adds: cheap, and most of the bytes).
 
 Recomputation replays the random-number state of the forward (dropout draws the same mask), which is why CUDA
-graph capture is ruled out. The memory saved shows in the trial's ``peak_memory_bytes``.
+graph capture is ruled out: torch before 2.11 cannot capture it (pytorch#162504); 2.11 captured it on an H200
+(2026-11-30; ``tests/test_gpu_sharded.py`` now also compares the gradients), and the combination stays ruled out
+until a whole-step parity trial shows the captured step trains like the uncaptured one. The memory saved shows in
+the trial's ``peak_memory_bytes``.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ TECHNIQUE = Technique(
                                     "matmul and attention outputs, recompute the rest"),
            "every": Int(1, 4, default=1, help="checkpoint every n-th repeated block (1: all of them)")},
     incompatible={"compile:cuda-graph": "activation checkpointing reads and restores the CUDA random-number state "
-                                        "to recompute a block, which CUDA graph capture forbids (pytorch#162504)"},
+                                        "to recompute a block, which CUDA graph capture forbade before torch 2.11 "
+                                        "(pytorch#162504); not yet verified with the whole-step graph"},
     description="activation checkpointing of the repeated blocks: whole blocks or selected ops recomputed",
 )
 
@@ -68,7 +72,10 @@ def checkpointed_class(cls: type[nn.Module], mode: str) -> type[nn.Module]:
     extra = {"context_fn": selective_contexts} if mode == "selective" else {}
 
     def forward(self, *args, **kwargs):
-        return checkpoint(cls.forward.__get__(self), *args, use_reentrant=False, **extra, **kwargs)
+        def block_forward(*a, **k):  # a closure, not ``cls.forward.__get__(self)``: torch 2.11's Dynamo cannot
+            return cls.forward(self, *a, **k)  # trace a bound ``__get__`` (a warning and a graph break per block)
+
+        return checkpoint(block_forward, *args, use_reentrant=False, **extra, **kwargs)
 
     return subclass_with_forward(cls, "Checkpointed", forward)
 

@@ -188,6 +188,17 @@ def test_blocks_scope_compiles_one_graph_for_all_blocks():
     assert graphs[0] == graphs[1] > 0  # a recompilation per block would grow with the number of blocks
 
 
+@pytest.mark.parametrize("mode", ["block", "selective"])
+def test_a_checkpointed_block_traces_into_one_graph_without_a_break(registry, mode):
+    # the checkpointed forward must stay traceable as one graph (torch 2.11's Dynamo could not trace the bound
+    # ``cls.forward.__get__(self)`` the wrapper once used: a warning, then a graph break in every block)
+    model, _ = gpt_model(registry, memory={"name": "activation-checkpointing", "mode": mode})
+    block = model.blocks[0]
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(torch.randn(2, 16, block.qkv.in_features, requires_grad=True))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 # ---------------------------------------------------------------------------------------------- fsdp, deepspeed
 @pytest.fixture
 def one_process_group():
