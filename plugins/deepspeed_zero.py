@@ -95,7 +95,8 @@ TECHNIQUE = Technique(
                                                 "halves the traffic) or float32"),
         "stage3_leaf_blocks": Categorical((True, False), default=True,
                                           help="gather each repeated block's parameters at once (one hook and "
-                                               "all-gather per block) or per layer (stage 3)"),
+                                               "all-gather per block) or per layer (stage 3 without DeepCompile, "
+                                               "which replaces these hooks)"),
         "stage3_prefetch_bucket_size": Int(10 ** 5, 10 ** 9, default=5 * 10 ** 7, log=True,
                                            help="elements of parameters prefetched ahead of use (stage 3)"),
         "stage3_param_persistence_threshold": Int(0, 10 ** 7, default=10 ** 5,
