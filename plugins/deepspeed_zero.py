@@ -39,7 +39,11 @@ Defaults, one line each (measured on 2 x H200, gpt-124M: docs/benchmarks.md "Sha
   queueing the next step's kernels while the device works;
 - ``gradient_clipping: 0`` (fixed): DeepSpeed 0.19 clips gradients to norm 1.0 unless told otherwise, which no other
   engine does (a GPT trial trained measurably differently from ``single``) and which costs a norm every step; for
-  stages 1-2 without offload the then unused gradient norm is not computed either (``compute_grad_norm``).
+  stages 1-2 without offload the then unused gradient norm is not computed either (``compute_grad_norm``);
+- ``bf16.check_grad_overflow: false`` (fixed): DeepSpeed 0.19 checks bfloat16 gradients for inf/NaN before every
+  stage 1-2 step and skips the step if it finds any, which costs a scan of the gradients, an all-reduce and a wait
+  for the device (``.item()``) per step; no other engine skips a bfloat16 step (there is no loss scale to adjust),
+  so a non-finite gradient shows in the loss as it does under ``single``, DDP and FSDP.
 
 With ``torch-compile`` ``scope: blocks`` each block is compiled in place, which is what DeepSpeed's own
 ``engine.compile()`` does to the whole module (``module.compile()``), block by block: stage 3 needs it (its hooks
@@ -51,8 +55,8 @@ compiled as one graph (``scope: forward-loss``) ran the faster step above.
 (stage 3) and gradient reductions into the compiled graph as operations and drop the per-module hooks whose host
 time the profile above showed; for stage 3 they schedule prefetching from a profile of the first steps (the graph
 is recompiled once, after five steps: inside a trial's warm-up). Its CUDA op builds on first use
-(``TORCH_CUDA_ARCH_LIST``). Measured on 2 x H200 (gpt-124M): ZeRO-2 with it trained at 0.71x DDP, slower than
-without; ZeRO-3 with it is not measured yet (docs/benchmarks.md).
+(``TORCH_CUDA_ARCH_LIST``). Measured on 2 x H200 (gpt-124M): ZeRO-2 with it trained at 0.69-0.71x DDP, not
+faster than without; ZeRO-3 with it at 0.51x, against 0.38-0.41x with the module hooks (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -150,7 +154,10 @@ def precision_config(precision, device: torch.device) -> tuple[dict, torch.dtype
     """DeepSpeed's precision section for the trial's precision, and the dtype the model then runs in."""
     dtype = precision.compute_dtype
     if dtype == torch.bfloat16:
-        return {"bf16": {"enabled": True}}, torch.bfloat16
+        bf16: dict = {"enabled": True}
+        if knows_field("bf16", "check_grad_overflow"):  # no other engine skips a bfloat16 step (see the docstring)
+            bf16["check_grad_overflow"] = False
+        return {"bf16": bf16}, torch.bfloat16
     if dtype == torch.float16 and device.type == "cpu":
         raise TrialFailed("infeasible", "parallelism 'deepspeed': DeepSpeed's CPU accelerator has no float16 mode "
                                         "(use a bfloat16 or float32 precision on the CPU)")
@@ -177,16 +184,21 @@ def zero_config(p: dict) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": p["offload_pin_memory"]}
     if p["offload_param"] == "cpu":
         zero["offload_param"] = {"device": "cpu", "pin_memory": p["offload_pin_memory"]}
-    if p["stage"] in (1, 2) and p["offload_optimizer"] == "none" and knows_zero_field("compute_grad_norm"):
+    no_offload = p["offload_optimizer"] == "none"
+    if p["stage"] in (1, 2) and no_offload and knows_field("zero_optimization", "compute_grad_norm"):
         zero["compute_grad_norm"] = False  # nothing clips, so the per-step norm would be computed for nothing
     return zero
 
 
-def knows_zero_field(name: str) -> bool:
-    """Whether the installed DeepSpeed's ``zero_optimization`` section has the field ``name``."""
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+def knows_field(section: str, name: str) -> bool:
+    """Whether the installed DeepSpeed's config section ``section`` (``zero_optimization`` or ``bf16``) has the
+    field ``name`` (older releases lack some)."""
+    if section == "bf16":
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config as model
+    else:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig as model
 
-    return name in getattr(DeepSpeedZeroConfig, "model_fields", {})
+    return name in getattr(model, "model_fields", {})
 
 
 def mark_leaf_blocks(model: nn.Module) -> int:

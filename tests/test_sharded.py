@@ -291,6 +291,23 @@ def test_deepspeed_defaults_are_deepspeeds_own_for_overlap_and_buckets_and_expli
         assert zero_config({**params, "overlap_comm": overlap})["overlap_comm"] is overlap
 
 
+def test_deepspeed_bfloat16_does_not_check_every_step_for_overflow(monkeypatch):
+    # DeepSpeed 0.19 scans bfloat16 gradients for inf/NaN before each stage 1-2 step, all-reduces the verdict and
+    # waits for the device; no other engine skips a bfloat16 step, so the plugin turns it off, and DeepSpeed must
+    # read the setting (a field it did not know would be rejected, one it ignored would leave the check on)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from harness.step import Precision
+    from plugins.deepspeed_zero import precision_config
+
+    half, dtype = precision_config(Precision(compute_dtype=torch.bfloat16), CPU)
+    assert dtype == torch.bfloat16 and half["bf16"]["enabled"]
+    parsed = DeepSpeedConfig({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}, **half})
+    assert parsed.bfloat16_config.enabled and parsed.bfloat16_config.check_grad_overflow is False
+    assert precision_config(Precision(compute_dtype=torch.float32), CPU) == ({}, None)
+
+
 @pytest.mark.usefixtures("one_process_group")
 def test_ddp_all_reduces_float16_gradients_through_torchs_hook_and_keeps_float32_gradients(registry, monkeypatch):
     import torch.distributed as dist
