@@ -36,7 +36,7 @@ TECHNIQUES = {
     "ddp": {"name": "ddp"},
     "zero1": {"name": "deepspeed", "stage": 1},
     "zero2": {"name": "deepspeed", "stage": 2},
-    "zero3": {"name": "deepspeed", "stage": 3},
+    "zero3": {"name": "deepspeed", "stage": 3, "stage3_leaf_blocks": False},  # compiled leaf blocks: refused on CUDA
     "fsdp": {"name": "fsdp"},
 }
 ZERO_BYTES_PER_PARAM = {  # (replicated, sharded) bytes per parameter of model states

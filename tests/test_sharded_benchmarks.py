@@ -19,7 +19,7 @@ def benchmarks(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.chdir(tmp_path)
-    for name in ("sharded", "sharded_profile", "parallelism"):
+    for name in ("sharded", "sharded_profile", "parallelism", "zero3_parity"):
         monkeypatch.delitem(sys.modules, name, raising=False)
 
 
@@ -100,3 +100,27 @@ def test_capacity_bisection_finds_the_largest_depth_that_trains(tmp_path):
     rows = json.loads((tmp_path / "parallelism_capacity.json").read_text())
     # bisection over [1, 2]: the middle (1) trains, then 2 trains: the largest is 2
     assert [(r["n_layer"], r["status"], r["gpus"]) for r in rows] == [(1, "ok", 2), (2, "ok", 2)]
+
+
+@pytest.mark.usefixtures("benchmarks")
+def test_zero3_parity_cases_change_one_factor_and_report_each_trial(tmp_path, capsys):
+    import zero3_parity
+
+    base = zero3_parity.spec_fields("ddp", "tiny", "cpu")
+    fp32 = zero3_parity.spec_fields("z3-blocks-fp32", "tiny", "cpu")
+    changed = {k for k in fp32.keys() | base.keys() if fp32.get(k) != base.get(k)}
+    assert changed == {"parallelism", "compile", "precision"}  # ZeRO-3 compiled in float32, against DDP
+    math = zero3_parity.spec_fields("z3-blocks-math", "tiny", "cpu")
+    assert math["workload_params"] == {"size": "tiny", "attention": "math"}  # merged, not replaced
+    assert zero3_parity.spec_fields("ddp-80steps", "tiny", "cpu")["budget"]["warmup_steps"] == 5
+    out = tmp_path / "rows.jsonl"
+    assert zero3_parity.main(["--device", "cpu", "--size", "tiny", "--cases", "z3-eager-1gpu,single",
+                              "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["case"] for r in rows] == ["z3-eager-1gpu", "single"] and all(r["ok"] for r in rows)
+    # one process: ZeRO-3 in bfloat16 trains like plain training (rounding apart)
+    assert rows[0]["val_loss"] == pytest.approx(rows[1]["val_loss"], rel=0.02)
+    assert capsys.readouterr().out.count('"case"') == 2
+    with pytest.raises(SystemExit) as exc:
+        zero3_parity.main(["--cases", "z3-nothing"])
+    assert exc.value.code == 2
