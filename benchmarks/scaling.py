@@ -36,7 +36,7 @@ TECHNIQUES = {
     "ddp": {"name": "ddp"},
     "zero1": {"name": "deepspeed", "stage": 1},
     "zero2": {"name": "deepspeed", "stage": 2},
-    "zero3": {"name": "deepspeed", "stage": 3, "stage3_leaf_blocks": False},  # compiled leaf blocks: refused on CUDA
+    "zero3": {"name": "deepspeed", "stage": 3},  # eager: compiled around its hooks, refused on CUDA
     "fsdp": {"name": "fsdp"},
 }
 ZERO_BYTES_PER_PARAM = {  # (replicated, sharded) bytes per parameter of model states
@@ -50,6 +50,8 @@ def build_spec(workload: str, technique: str, devices: int, steps: int, cpu: boo
     name, params, per_gpu_batch, precision, compile_ = WORKLOADS[workload]
     if cpu:
         precision, compile_ = "fp32", "eager"
+    if technique == "zero3":
+        compile_ = "eager"  # ZeRO-3 compiles under DeepCompile only (the plugin says why)
     # DDP and FSDP need two processes at least; their one-process reference is plain single-device training.
     parallel = {"name": "single"} if devices == 1 and not technique.startswith("zero") else TECHNIQUES[technique]
     return make_spec(workload=name, workload_params=params, batch_size=per_gpu_batch * devices,

@@ -9,8 +9,9 @@ where DDP reached 3.60 (docs/benchmarks.md, "Sharded training": the combination 
     python benchmarks/zero3_parity.py --cases ddp,z3-eager,z3-blocks-per-layer         # a few
     python benchmarks/zero3_parity.py --device cpu --size tiny --cases ddp,z3-eager    # gloo: the code path only
 
-Since that finding the harness refuses the ``z3-blocks`` cases other than ``z3-blocks-per-layer`` on CUDA (compiled
-leaf blocks): they report ``ok: false`` and the one-line reason; the figures in docs/benchmarks.md predate it.
+Since that finding the harness refuses ZeRO-3 compiled by ``torch-compile`` on CUDA (only DeepCompile compiles it
+there): the ``z3-blocks`` cases report ``ok: false`` and the one-line reason; the figures in docs/benchmarks.md
+predate it.
 """
 from __future__ import annotations
 

@@ -32,10 +32,10 @@ Defaults, one line each (measured on 2 x H200, gpt-124M: docs/benchmarks.md "Sha
 - ``communication_dtype: compute``: reduce in the compute dtype (bfloat16 halves the traffic), DeepSpeed's default;
 - ``stage3_leaf_blocks: True``: each repeated block (:mod:`plugins._blocks`) is a ZeRO-3 leaf module, so its
   parameters are gathered by one hook and one all-gather per block instead of one per layer (FSDP's unit). On
-  CUDA it runs eager only: with ``torch-compile`` it trained wrongly on the H200s (gpt small: held-out loss 2.64
-  against 3.60 for DDP, single and eager ZeRO-3; leaf blocks off, or DeepCompile, trained like DDP), and until
-  that is found the combination is refused in one line (``stage3_leaf_blocks: false`` compiles each block with
-  ZeRO's per-layer hooks inside);
+  CUDA, ZeRO-3 runs eager or under DeepCompile only: compiled by ``torch-compile`` around DeepSpeed's hooks, with
+  leaf blocks, it trained wrongly on the H200s (gpt small: held-out loss 2.64 against 3.60 for DDP, single and
+  eager ZeRO-3), per-layer gathering under compile is not verified, and until the cause is found that is refused
+  in one line;
 - ``stage3_prefetch_bucket_size: 5e7``, ``stage3_max_live_parameters`` / ``stage3_max_reuse_distance: 1e9``:
   DeepSpeed's defaults (prefetch a few blocks ahead; never re-gather a block that is about to be reused);
 - DeepSpeed's throughput timer off (fixed): it synchronises the device twice per step, which stops the host from
@@ -50,7 +50,7 @@ Defaults, one line each (measured on 2 x H200, gpt-124M: docs/benchmarks.md "Sha
 
 With ``torch-compile`` ``scope: blocks`` each block is compiled in place, which is what DeepSpeed's own
 ``engine.compile()`` does to the whole module (``module.compile()``), block by block: stage 3 needs it (its hooks
-gather parameters between the blocks; on CUDA with ``stage3_leaf_blocks: false``, above). Stages 0-2 have no hooks
+gather parameters between the blocks; on the CPU only, above). Stages 0-2 have no hooks
 in the forward pass, and there the forward + loss compiled as one graph (``scope: forward-loss``) ran the faster
 step above.
 
@@ -342,18 +342,19 @@ def harness_check_combination(spec, env):
     if p.get("deepcompile"):
         return deepcompile_problem(p, spec.compile)
     on_cuda = spec.device == "cuda" or (spec.device == "auto" and env.cuda)
-    if on_cuda and p.get("stage") == 3 and p.get("stage3_leaf_blocks", True) and spec.compile.name == "torch-compile":
-        return LEAF_BLOCKS_COMPILED
+    if on_cuda and p.get("stage") == 3 and spec.compile.name == "torch-compile":
+        return ZERO3_COMPILED
     return None
 
 
-#: ZeRO-3 with leaf blocks compiled by torch.compile trained wrongly on CUDA (2026-11-30, 2 x H200, DeepSpeed
-#: 0.19.8, torch 2.11): not found in DeepSpeed or here yet, so the combination is refused (docs/benchmarks.md).
-LEAF_BLOCKS_COMPILED = (
-    "parallelism.stage3_leaf_blocks: true with compile 'torch-compile' is refused on CUDA: ZeRO-3 with compiled "
-    "leaf blocks trained wrongly there (gpt small: held-out loss 2.64 where DDP, single and eager ZeRO-3 reached "
-    "3.60; docs/benchmarks.md); use stage3_leaf_blocks: false, deepcompile: true (torch-compile scope 'engine') or "
-    "compile 'eager'")
+#: ZeRO-3 compiled by torch.compile around DeepSpeed's hooks trained wrongly on CUDA (2026-11-30, 2 x H200,
+#: DeepSpeed 0.19.8, torch 2.11; not found in DeepSpeed or here yet), so only DeepCompile, which replaces the hooks
+#: and trained like DDP there, compiles ZeRO-3 on CUDA (docs/benchmarks.md, "Sharded training").
+ZERO3_COMPILED = (
+    "parallelism.deepcompile: ZeRO-3 (stage 3) with compile 'torch-compile' needs deepcompile: true on CUDA: "
+    "compiled around DeepSpeed's hooks it trained wrongly there (gpt small, leaf blocks: held-out loss 2.64 where "
+    "DDP, single and eager ZeRO-3 reached 3.60; per layer: not verified; docs/benchmarks.md); use deepcompile: "
+    "true with torch-compile scope 'engine', or compile 'eager'")
 
 
 def deepcompile_problem(p: dict, compile_) -> str | None:

@@ -397,9 +397,9 @@ def test_deepcompile_with_the_engine_scope_is_a_valid_combination_and_needs_cuda
 
 
 @pytest.mark.parametrize("scope", ["blocks", "forward-loss", "engine"])
-def test_zero3_compiled_leaf_blocks_are_refused_on_cuda_and_the_alternatives_are_not(registry, scope):
+def test_zero3_compiled_around_its_hooks_is_refused_on_cuda_and_the_alternatives_are_not(registry, scope):
     # measured on 2 x H200: compiled leaf blocks trained to a held-out loss of 2.64 where DDP reached 3.60
-    CPU_ENV = Environment(cuda=False, device_count=0, compute_capability=None, device_name="cpu")
+    cpu_env = Environment(cuda=False, device_count=0, compute_capability=None, device_name="cpu")
 
     def reason(env, device="auto", compile_=None, **params):
         spec = make_spec(registry=registry, parallelism={"name": "deepspeed", "stage": 3, **params}, device=device,
@@ -407,14 +407,16 @@ def test_zero3_compiled_leaf_blocks_are_refused_on_cuda_and_the_alternatives_are
         return registry.hooks.check_combination(spec, env, ("lm",))
 
     refused = reason(H100)
-    assert refused is not None and refused.startswith("parallelism.stage3_leaf_blocks: true with compile "
-                                                      "'torch-compile' is refused on CUDA"), refused
-    assert "use stage3_leaf_blocks: false" in refused
-    assert reason(CPU_ENV, device="cuda") == refused  # the trial's device decides, not the driver's machine
+    assert refused is not None and refused.startswith("parallelism.deepcompile: ZeRO-3 (stage 3) with compile "
+                                                      "'torch-compile' needs deepcompile: true on CUDA"), refused
+    assert "use deepcompile: true with torch-compile scope 'engine', or compile 'eager'" in refused
+    assert reason(H100, stage3_leaf_blocks=False) == refused  # per-layer gathering under compile: not verified
+    assert reason(cpu_env, device="cuda") == refused  # the trial's device decides, not the driver's machine
     assert reason(H100, device="cpu") is None  # gloo on the CPU trained like one process (tests/test_parallel.py)
-    assert reason(H100, stage3_leaf_blocks=False) is None
     assert reason(H100, compile_="eager") is None
     assert reason(H100, stage=2) is None
+    dc = reason(H100, deepcompile=True)
+    assert (dc is None) == (scope == "engine"), dc  # DeepCompile's own condition: scope 'engine'
 
 
 def test_evaluation_under_deepcompile_runs_the_model_without_its_compiled_graph():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -124,3 +125,21 @@ def test_zero3_parity_cases_change_one_factor_and_report_each_trial(tmp_path, ca
     with pytest.raises(SystemExit) as exc:
         zero3_parity.main(["--cases", "z3-nothing"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("mode", ["leaf-compiled", "per-layer-compiled"])
+def test_zero3_step_check_finds_the_cpu_engine_equal_to_a_plain_copy(tmp_path, mode):
+    import subprocess
+
+    # its own process: DeepSpeed keeps one engine's groups per process
+    out = tmp_path / "step.jsonl"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "zero3_step.py"), "--device", "cpu", "--size", "tiny",
+                           "--mode", mode, "--steps", "2", "--out", str(out)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    *steps, final = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [s["step"] for s in steps] == [0, 1]
+    for s in steps:  # float32 on the CPU: the same kernels on the same numbers
+        assert s["loss_ds"] == pytest.approx(s["loss_ref"], rel=1e-6)
+        assert s["worst_grad_rel"] < 1e-5 and s["worst_param_rel"] < 1e-5, s
+    assert final["eval_loss_ds"] == pytest.approx(final["eval_loss_ref"], rel=1e-6)

@@ -1,0 +1,131 @@
+"""ZeRO-3 step by step against a plain copy of the same model, in one process: the loss of each step, every
+gradient (``deepspeed.utils.safe_get_full_grad``) and every parameter after the step, then a held-out loss, in
+float32. It asks whether DeepSpeed's leaf modules (or per-layer gathering) under the harness's per-block compile
+compute what the plain model computes, without the rest of a trial (schedule, loss, data).
+
+    python benchmarks/zero3_step.py --mode leaf-compiled                    # CUDA, gpt small
+    python benchmarks/zero3_step.py --mode per-layer-compiled --optimizer fused
+    python benchmarks/zero3_step.py --device cpu --size tiny --mode leaf-eager
+
+Each step prints one JSON line: ``loss_ds``/``loss_ref``, the largest relative gradient and parameter differences
+(the three worst named). The reference compiles its blocks through its own ``torch.compile`` (not the engine's).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+MODES = ("leaf-compiled", "leaf-eager", "per-layer-compiled")
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / (b.float().norm() + 1e-12)).item()
+
+
+def worst(diffs: dict[str, float]) -> list:
+    return sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", default="leaf-compiled", choices=MODES)
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--size", default="small", help="gpt size preset")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--optimizer", default="torch", choices=("torch", "fused"),
+                    help="the engine's optimizer: torch's AdamW, or DeepSpeed's FusedAdam (CUDA) as trials use")
+    ap.add_argument("--out", default="", help="append the JSON lines to this file too")
+    args = ap.parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import deepspeed
+    import torch
+    import torch.nn.functional as F
+
+    from plugins._blocks import repeated_blocks, subclass_with_forward
+    from plugins.deepspeed_zero import _ensure_process_group, mark_leaf_blocks
+    from plugins.gpt import GPT, PRESETS
+    from plugins.torch_compile import compiled_class
+
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = dict(PRESETS[args.size])
+    model = GPT(**cfg).to(dev)
+    ref = copy.deepcopy(model)
+    _ensure_process_group(dev)
+    if args.mode.startswith("leaf"):
+        mark_leaf_blocks(model)
+    zero = {"stage": 3, "reduce_bucket_size": 5e8, "contiguous_gradients": True, "reduce_scatter": True,
+            "stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5,
+            "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9}
+    config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
+              "zero_optimization": zero, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+              "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
+    if args.optimizer == "fused":
+        from deepspeed.ops.adam import FusedAdam
+
+        opt = FusedAdam(model.parameters(), lr=1e-3, adam_w_mode=True, weight_decay=0.01)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    if args.mode.endswith("compiled"):
+        for block in repeated_blocks(engine.module):
+            block.__class__ = compiled_class(type(block), None, False, False)
+        ref_cls = type(repeated_blocks(ref)[0])
+        ref_compiled = subclass_with_forward(ref_cls, "Reference", torch.compile(ref_cls.forward))
+        for block in repeated_blocks(ref):
+            block.__class__ = ref_compiled
+    names = [n for n, _ in ref.named_parameters()]
+    ds_params, ref_params = dict(engine.module.named_parameters()), dict(ref.named_parameters())
+    gen = torch.Generator().manual_seed(1)
+
+    def batch():
+        ids = torch.randint(0, cfg["vocab_size"], (args.batch, cfg["seq_len"] + 1), generator=gen).to(dev)
+        return ids[:, :-1], ids[:, 1:]
+
+    def loss_of(m, x, y):
+        return F.cross_entropy(m(x).float().flatten(0, 1), y.flatten())
+
+    rows = []
+    for step in range(args.steps):
+        x, y = batch()
+        l_ds, l_ref = loss_of(engine, x, y), loss_of(ref, x, y)
+        engine.backward(l_ds)
+        l_ref.backward()
+        grads = {}
+        for n in names:
+            g = deepspeed.utils.safe_get_full_grad(ds_params[n])
+            grads[n] = float("nan") if g is None else rel(g, ref_params[n].grad)
+        engine.step()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        params = {}
+        for n in names:
+            with deepspeed.zero.GatheredParameters([ds_params[n]]):
+                params[n] = rel(ds_params[n].data, ref_params[n].data)
+        rows.append({"mode": args.mode, "optimizer": args.optimizer, "step": step, "loss_ds": l_ds.item(),
+                     "loss_ref": l_ref.item(), "worst_grad_rel": max(grads.values()), "worst_grads": worst(grads),
+                     "worst_param_rel": max(params.values()), "worst_params": worst(params)})
+        print(json.dumps(rows[-1]), flush=True)
+    engine.eval()
+    ref.eval()
+    with torch.no_grad():
+        x, y = batch()
+        rows.append({"mode": args.mode, "eval_loss_ds": loss_of(engine, x, y).item(),
+                     "eval_loss_ref": loss_of(ref, x, y).item()})
+    print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
