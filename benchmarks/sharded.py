@@ -64,8 +64,7 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = "single,ddp,fsdp,fsdp-blocks,zero2,zero3"
 #: variants that run as one process (the others need two)
-ONE_PROCESS = {"single", "zero2", "zero3", "zero2-blocks", "zero2-overlap", "zero3-engine", "zero2-dc",
-               "zero3-dc"}
+ONE_PROCESS = {"single", "zero2", "zero3", "zero2-blocks", "zero2-overlap", "zero3-engine", "zero2-dc", "zero3-dc"}
 #: bytes per parameter of model states with Adam and 16-bit training, (replicated, divided by N) (ZeRO paper):
 #: float32 weights, gradients and two moments (16) on every GPU without sharding; ZeRO keeps bfloat16 weights and
 #: gradients besides float32 master weights and moments; FSDP shards float32 weights, gradients and moments.

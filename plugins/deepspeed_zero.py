@@ -49,10 +49,10 @@ Defaults, one line each (measured on 2 x H200, gpt-124M: docs/benchmarks.md "Sha
   so a non-finite gradient shows in the loss as it does under ``single``, DDP and FSDP.
 
 With ``torch-compile`` ``scope: blocks`` each block is compiled in place, which is what DeepSpeed's own
-``engine.compile()`` does to the whole module (``module.compile()``), block by block: stage 3 needs it (its hooks
-gather parameters between the blocks; on the CPU only, above). Stages 0-2 have no hooks
-in the forward pass, and there the forward + loss compiled as one graph (``scope: forward-loss``) ran the faster
-step above.
+``engine.compile()`` does to the whole module (``module.compile()``), block by block: stage 3 needs it, as its hooks
+gather parameters between the blocks (on the CPU; on CUDA ZeRO-3 compiles through DeepCompile only, above). Stages
+0-2 have no hooks in the forward pass, and there the forward + loss compiled as one graph (``scope:
+forward-loss``) ran the faster step above.
 
 ``deepcompile: True`` (CUDA; stages 1-3; with ``torch-compile`` ``scope: engine``, which calls DeepSpeed's
 ``engine.compile()``) turns on DeepCompile: DeepSpeed's compiler passes put ZeRO's parameter gathers and releases
