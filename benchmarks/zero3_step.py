@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.nn.functional as F
 
     from plugins._blocks import repeated_blocks, subclass_with_forward
-    from plugins.deepspeed_zero import _ensure_process_group, mark_leaf_blocks
+    from plugins.deepspeed_zero import TECHNIQUE, _ensure_process_group, mark_leaf_blocks, zero_config
     from plugins.gpt import GPT, PRESETS
     from plugins.torch_compile import compiled_class
 
@@ -61,11 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     _ensure_process_group(dev)
     if args.mode.startswith("leaf"):
         mark_leaf_blocks(model)
-    zero = {"stage": 3, "reduce_bucket_size": 5e8, "contiguous_gradients": True, "reduce_scatter": True,
-            "stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5,
-            "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9}
     config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
-              "zero_optimization": zero, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+              "zero_optimization": zero_config({**TECHNIQUE.defaults(), "stage": 3}),  # the plugin's own section
+              "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
               "steps_per_print": 10 ** 9, "gradient_clipping": 0.0}
     if args.optimizer == "fused":
         from deepspeed.ops.adam import FusedAdam
