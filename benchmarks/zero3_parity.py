@@ -43,13 +43,17 @@ CASES: dict[str, dict] = {
     "z3-blocks-fp32": {"parallelism": Z3, "compile": BLOCKS, "devices": 2, "precision": "fp32"},
     "ddp-fp32": {"parallelism": "ddp", "devices": 2, "precision": "fp32"},
     "z3-blocks-20steps": {"parallelism": Z3, "compile": BLOCKS, "devices": 2, "budget": {"steps": 20}},
+    # the CPU's bfloat16 two-process gap (docs/benchmarks.md): float32, ZeRO-2, reductions in float32
+    "z3-eager-fp32": {"parallelism": Z3, "devices": 2, "precision": "fp32"},
+    "z2-eager": {"parallelism": {"name": "deepspeed", "stage": 2}, "devices": 2},
+    "z3-eager-comm32": {"parallelism": {**Z3, "communication_dtype": "float32"}, "devices": 2},
 }
 
 
 def base(size: str, device: str) -> dict:
     """The spec every case starts from (what ``tests/test_gpu_sharded.py`` trains)."""
     return {"workload": "gpt", "workload_params": {"size": size}, "device": device, "precision": "amp-bf16",
-            "optimizer": {"name": "adamw", "lr": 1e-3, "implementation": "fused" if device == "cuda" else "default"},
+            "optimizer": {"name": "adamw", "lr": 1e-3, "implementation": "fused" if device == "cuda" else "foreach"},
             "batch_size": 32, "seed": 5, "budget": {"steps": 40, "warmup_steps": 5, "windows": 5, "eval_samples": 512}}
 
 
