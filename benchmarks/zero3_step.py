@@ -9,6 +9,14 @@ compute what the plain model computes, without the rest of a trial (schedule, lo
 
 Each step prints one JSON line: ``loss_ds``/``loss_ref``, the largest relative gradient and parameter differences
 (the three worst named). The reference compiles its blocks through its own ``torch.compile`` (not the engine's).
+
+``--trial`` checks the harness's own set-up instead: a :class:`harness.trial.Trial` (workload, optimizer, DeepSpeed
+engine, compile, train step and batches of the spec of ``zero3_parity.py``, in float32, one process) steps against
+a plain copy of its model with torch's AdamW; each line also gives ``block_grad_norm``, the norm of the gradient the
+backward pass hands the last block's last parameter (``block_param``). The plugin refuses compiled ZeRO-3 on CUDA;
+this check sets that refusal aside on purpose, as it studies what is refused:
+
+    python benchmarks/zero3_step.py --trial --mode leaf-compiled --batch 32 --steps 6
 """
 from __future__ import annotations
 
@@ -39,11 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--optimizer", default="torch", choices=("torch", "fused"),
                     help="the engine's optimizer: torch's AdamW, or DeepSpeed's FusedAdam (CUDA) as trials use")
+    ap.add_argument("--trial", action="store_true", help="step the harness's own trial set-up (see above)")
     ap.add_argument("--out", default="", help="append the JSON lines to this file too")
     args = ap.parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if args.trial:
+        return trial_check(args)
     import deepspeed
     import torch
     import torch.nn.functional as F
@@ -119,6 +130,62 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"mode": args.mode, "eval_loss_ds": loss_of(engine, x, y).item(),
                      "eval_loss_ref": loss_of(ref, x, y).item()})
     print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return 0
+
+
+def trial_check(args) -> int:
+    """``--trial``: the harness's trial set-up step by step against a plain copy of its model (see the docstring)."""
+    import deepspeed
+    import torch
+
+    from harness.plugins import get_registry
+    from harness.testing import make_spec
+    from harness.trial import Trial
+    from plugins._blocks import repeated_blocks
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from zero3_parity import spec_fields
+
+    fields = spec_fields("single", args.size, args.device)
+    fields.update(parallelism={"name": "deepspeed", "stage": 3, "stage3_leaf_blocks": args.mode.startswith("leaf"),
+                               "optimizer_impl": "torch" if args.optimizer == "torch" else "auto"},
+                  precision="fp32", devices=1, batch_size=args.batch)
+    if args.mode.endswith("compiled"):
+        fields["compile"] = {"name": "torch-compile", "scope": "blocks"}
+    trial = Trial(make_spec(**fields))
+    trial.infeasible = lambda: None  # type: ignore[method-assign]  # what CUDA refuses is what is checked here
+    trial.setup()
+    ref = get_registry().build_workload(trial.spec, trial.device).model.to(trial.device)  # same seed, same init
+    group = trial.optimizer.param_groups[0]
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                                weight_decay=group["weight_decay"])
+    ds_params, ref_params = dict(trial.model.named_parameters()), dict(ref.named_parameters())
+    probe_name, probe = list(repeated_blocks(trial.model)[-1].named_parameters())[-1]
+    seen: list[float] = []
+    probe.register_post_accumulate_grad_hook(lambda t: seen.append(float(t.grad.float().norm())))
+    trial.engine.train(True)
+    rows = []
+    for step in range(args.steps):
+        x, y = next(trial.batches)
+        seen.clear()
+        loss = trial.step_fn(x, y)
+        loss_ref = trial.workload.loss_of(ref(x), y)
+        loss_ref.backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        params = {}
+        for n, ref_param in ref_params.items():
+            with deepspeed.zero.GatheredParameters([ds_params[n]]):
+                params[n] = rel(ds_params[n].data, ref_param.data)
+        rows.append({"mode": args.mode, "source": "trial", "step": step, "loss_ds": loss.item(),
+                     "loss_ref": loss_ref.item(), "worst_param_rel": max(params.values()),
+                     "worst_params": worst(params), "block_param": probe_name,
+                     "block_grad_norm": seen[-1] if seen else None})
+        print(json.dumps(rows[-1]), flush=True)
+    trial.engine.close()
     if args.out:
         with open(args.out, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

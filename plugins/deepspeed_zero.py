@@ -32,10 +32,11 @@ Defaults, one line each (measured on 2 x H200, gpt-124M: docs/benchmarks.md "Sha
 - ``communication_dtype: compute``: reduce in the compute dtype (bfloat16 halves the traffic), DeepSpeed's default;
 - ``stage3_leaf_blocks: True``: each repeated block (:mod:`plugins._blocks`) is a ZeRO-3 leaf module, so its
   parameters are gathered by one hook and one all-gather per block instead of one per layer (FSDP's unit). On
-  CUDA, ZeRO-3 runs eager or under DeepCompile only: compiled by ``torch-compile`` around DeepSpeed's hooks, with
-  leaf blocks, it trained wrongly on the H200s (gpt small: held-out loss 2.64 against 3.60 for DDP, single and
-  eager ZeRO-3), per-layer gathering under compile is not verified, and until the cause is found that is refused
-  in one line;
+  CUDA, ZeRO-3 runs eager or under DeepCompile only: compiled by ``torch-compile`` around DeepSpeed's hooks, in a
+  trial on an H200 the compiled blocks' backward pass handed zero gradients to every block parameter, with leaf
+  blocks and with per-layer gathering (gpt small: held-out loss 2.64 against 3.60 for DDP, single and eager
+  ZeRO-3, as only the embeddings and output layer learned), and until the cause is found that is refused in one
+  line;
 - ``stage3_prefetch_bucket_size: 5e7``, ``stage3_max_live_parameters`` / ``stage3_max_reuse_distance: 1e9``:
   DeepSpeed's defaults (prefetch a few blocks ahead; never re-gather a block that is about to be reused);
 - DeepSpeed's throughput timer off (fixed): it synchronises the device twice per step, which stops the host from
@@ -347,13 +348,14 @@ def harness_check_combination(spec, env):
     return None
 
 
-#: ZeRO-3 compiled by torch.compile around DeepSpeed's hooks trained wrongly on CUDA (2026-11-30, 2 x H200,
-#: DeepSpeed 0.19.8, torch 2.11; not found in DeepSpeed or here yet), so only DeepCompile, which replaces the hooks
-#: and trained like DDP there, compiles ZeRO-3 on CUDA (docs/benchmarks.md, "Sharded training").
+#: ZeRO-3 compiled by torch.compile around DeepSpeed's hooks trained wrongly on CUDA (2026-11-30/12-01, H200,
+#: DeepSpeed 0.19.8, torch 2.11: the block parameters got zero gradients in a trial, though not in a stand-alone
+#: engine; the cause is not found yet), so only DeepCompile, which replaces the hooks and trained like DDP there,
+#: compiles ZeRO-3 on CUDA (docs/benchmarks.md, "Sharded training").
 ZERO3_COMPILED = (
     "parallelism.deepcompile: ZeRO-3 (stage 3) with compile 'torch-compile' needs deepcompile: true on CUDA: "
-    "compiled around DeepSpeed's hooks it trained wrongly there (gpt small, leaf blocks: held-out loss 2.64 where "
-    "DDP, single and eager ZeRO-3 reached 3.60; per layer: not verified; docs/benchmarks.md); use deepcompile: "
+    "compiled around DeepSpeed's hooks its blocks got zero gradients there (gpt small: held-out loss 2.64 where "
+    "DDP, single and eager ZeRO-3 reached 3.60, leaf blocks or per layer; docs/benchmarks.md); use deepcompile: "
     "true with torch-compile scope 'engine', or compile 'eager'")
 
 

@@ -410,7 +410,7 @@ def test_zero3_compiled_around_its_hooks_is_refused_on_cuda_and_the_alternatives
     assert refused is not None and refused.startswith("parallelism.deepcompile: ZeRO-3 (stage 3) with compile "
                                                       "'torch-compile' needs deepcompile: true on CUDA"), refused
     assert "use deepcompile: true with torch-compile scope 'engine', or compile 'eager'" in refused
-    assert reason(H100, stage3_leaf_blocks=False) == refused  # per-layer gathering under compile: not verified
+    assert reason(H100, stage3_leaf_blocks=False) == refused  # per-layer gathering under compile departed too
     assert reason(cpu_env, device="cuda") == refused  # the trial's device decides, not the driver's machine
     assert reason(H100, device="cpu") is None  # gloo on the CPU trained like one process (tests/test_parallel.py)
     assert reason(H100, compile_="eager") is None
