@@ -11,7 +11,9 @@ The other axes map into DeepSpeed's own settings:
 - precision: ``Precision.compute_dtype`` bfloat16 / float16 turns on DeepSpeed's ``bf16`` / ``fp16`` (dynamic
   loss scaling) mode, which keeps float32 master weights and runs the model in half precision. The step then
   runs without autocast (the engine replaces the precision by a copy without it), so nothing is cast twice.
-  float32 and TF32 run DeepSpeed in float32; fp8 is not supported.
+  On the CPU bfloat16 runs DeepSpeed in float32 under the trial's autocast instead: the CPU's bfloat16 LayerNorm
+  backward is too coarse for a model held in bfloat16 (docs/benchmarks.md, "Sharded training"). float32 and TF32
+  run DeepSpeed in float32; fp8 is not supported.
 - optimizer: the optimizer the optimizer axis built (torch Adam/AdamW/SGD...) is DeepSpeed's client optimizer;
   with ``optimizer_impl: auto`` Adam/AdamW are replaced by DeepSpeed's kernels with the same hyper-parameters:
   ``DeepSpeedCPUAdam`` when the optimizer is offloaded (compiles a host op on first use, about a minute) and
@@ -158,6 +160,11 @@ class EagerForward(nn.Module):
 def precision_config(precision, device: torch.device) -> tuple[dict, torch.dtype | None]:
     """DeepSpeed's precision section for the trial's precision, and the dtype the model then runs in."""
     dtype = precision.compute_dtype
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        # DeepSpeed's bf16 mode trains the whole model in bfloat16, and the CPU's bfloat16 LayerNorm backward sums
+        # its gradients with errors of tens of % (two-process gpt small: held-out loss 8-10% above DDP's); on the CPU
+        # DeepSpeed runs float32 under the trial's autocast instead, as DDP does (the engine keeps that autocast)
+        return {}, None
     if dtype == torch.bfloat16:
         bf16: dict = {"enabled": True}
         if knows_field("bf16", "check_grad_overflow"):  # no other engine skips a bfloat16 step (see the docstring)
@@ -290,8 +297,9 @@ class DeepSpeedEngine(Engine):
         ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config,
                                                       dist_init_required=False)
         self.ds, self.client_optimizer = ds, client
-        step_precision = dataclasses.replace(precision, autocast=contextlib.nullcontext, scaler=None, model=None,
-                                             info={})
+        keep_autocast = precision.compute_dtype == torch.bfloat16 and not half  # bfloat16 on the CPU (above)
+        step_precision = dataclasses.replace(precision, autocast=precision.autocast if keep_autocast
+                                             else contextlib.nullcontext, scaler=None, model=None, info={})
         super().__init__(_CastInputs(ds, dtype), ds_optimizer, step_precision)
         self.module = ds.module
         self.eval_model = self.model
