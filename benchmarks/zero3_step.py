@@ -34,6 +34,24 @@ def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / (b.float().norm() + 1e-12)).item()
 
 
+def param_diffs(ds_params: dict, ref_params: dict) -> dict[str, float]:
+    """The relative difference of each engine parameter (gathered, under ZeRO-3) from the reference's."""
+    import deepspeed
+
+    diffs = {}
+    for n, ref_param in ref_params.items():
+        with deepspeed.zero.GatheredParameters([ds_params[n]]):
+            diffs[n] = rel(ds_params[n].data, ref_param.data)
+    return diffs
+
+
+def append_rows(path: str, rows: list[dict]) -> None:
+    """Append ``rows`` as JSON lines to ``path`` (nothing when it is empty)."""
+    if path:
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def worst(diffs: dict[str, float]) -> list:
     return sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
 
@@ -115,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.step()
         ref_opt.step()
         ref_opt.zero_grad()
-        params = {}
-        for n in names:
-            with deepspeed.zero.GatheredParameters([ds_params[n]]):
-                params[n] = rel(ds_params[n].data, ref_params[n].data)
+        params = param_diffs(ds_params, ref_params)
         rows.append({"mode": args.mode, "optimizer": args.optimizer, "step": step, "loss_ds": l_ds.item(),
                      "loss_ref": l_ref.item(), "worst_grad_rel": max(grads.values()), "worst_grads": worst(grads),
                      "worst_param_rel": max(params.values()), "worst_params": worst(params)})
@@ -130,15 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"mode": args.mode, "eval_loss_ds": loss_of(engine, x, y).item(),
                      "eval_loss_ref": loss_of(ref, x, y).item()})
     print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    append_rows(args.out, rows)
     return 0
 
 
 def trial_check(args) -> int:
     """``--trial``: the harness's trial set-up step by step against a plain copy of its model (see the docstring)."""
-    import deepspeed
     import torch
 
     from harness.plugins import get_registry
@@ -176,19 +188,14 @@ def trial_check(args) -> int:
         loss_ref.backward()
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
-        params = {}
-        for n, ref_param in ref_params.items():
-            with deepspeed.zero.GatheredParameters([ds_params[n]]):
-                params[n] = rel(ds_params[n].data, ref_param.data)
+        params = param_diffs(ds_params, ref_params)
         rows.append({"mode": args.mode, "source": "trial", "step": step, "loss_ds": loss.item(),
                      "loss_ref": loss_ref.item(), "worst_param_rel": max(params.values()),
                      "worst_params": worst(params), "block_param": probe_name,
                      "block_grad_norm": seen[-1] if seen else None})
         print(json.dumps(rows[-1]), flush=True)
     trial.engine.close()
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    append_rows(args.out, rows)
     return 0
 
 
