@@ -297,9 +297,10 @@ class DeepSpeedEngine(Engine):
         ds, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config,
                                                       dist_init_required=False)
         self.ds, self.client_optimizer = ds, client
-        keep_autocast = precision.compute_dtype == torch.bfloat16 and not half  # bfloat16 on the CPU (above)
-        step_precision = dataclasses.replace(precision, autocast=precision.autocast if keep_autocast
-                                             else contextlib.nullcontext, scaler=None, model=None, info={})
+        # DeepSpeed's bf16/fp16 mode casts by itself; without one (float32, or bfloat16 on the CPU) the trial's
+        # autocast stays
+        step_precision = dataclasses.replace(precision, autocast=contextlib.nullcontext if half else precision.autocast,
+                                             scaler=None, model=None, info={})
         super().__init__(_CastInputs(ds, dtype), ds_optimizer, step_precision)
         self.module = ds.module
         self.eval_model = self.model
